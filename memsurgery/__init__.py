@@ -1,0 +1,38 @@
+"""memsurgery: locate where a vision encoder memorizes its training data, and act on it.
+
+Heavy optional libraries (tensorboard, torch_pruning, timm, accelerate) are imported lazily,
+where they are used, so ``import memsurgery`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+try:
+    __version__ = version("memsurgery")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+_LAZY = {
+    "metrics": "memsurgery.metrics",
+    "capture": "memsurgery.capture",
+    "models": "memsurgery.models",
+    "views": "memsurgery.views",
+    "probe": "memsurgery.probe",
+    "data": "memsurgery.data",
+    "ProbeConfig": "memsurgery.probe",
+    "ProbeResult": "memsurgery.probe",
+    "run_probe": "memsurgery.probe",
+    "ViewConfig": "memsurgery.views",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if _LAZY[name].endswith(name) else getattr(module, name)
+    raise AttributeError(f"module 'memsurgery' has no attribute {name!r}")
