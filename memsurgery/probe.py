@@ -1,0 +1,385 @@
+"""One probe runner: LayerMem, ΔLayerMem, SSLMem, UnitMem and ClassMem from one pass per view.
+
+For each batch of probe points, the same views (a pure function of (seed, dataset index, view))
+go through f and through the reference g. View pairs run as one forward pass of 2B images; the
+hooks reduce every layer output on the spot (per-sample distance of the two halves for LayerMem,
+spatial / token means per unit for UnitMem), so no activation batch outlives its hook. Models
+run in eval mode under ``torch.inference_mode()`` and get their previous mode back afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .capture import LayerCapture, check_same_architecture, probing, select_points, unwrap_model
+from .metrics import (
+    AlignmentAccumulator,
+    ClassMemAccumulator,
+    UnitMemAccumulator,
+    UnitScores,
+    delta_layermem,
+    layermem,
+    pair_distance,
+    sslmem,
+)
+from .metrics.distance import check_distance
+from .metrics.unit import check_options
+from .views import ViewConfig, make_views
+
+PairMode = Literal["aug_aug", "clean_aug"]
+LayerSpec = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What to measure and how (METRICS.md defaults). Every value is recorded with the results.
+
+    layers: LayerMem points (a preset name, layer names or wildcards; see ``capture``).
+    unit_layers: UnitMem / ClassMem points, or None to skip unit metrics.
+    final_layer: the point whose SSLMem' ranks points (default: the last LayerMem point).
+    num_pairs: K view pairs per point for the alignment. num_unit_views: V views for UnitMem.
+    mean / std: per-channel normalization applied to the [0, 1] views before the encoder.
+    """
+
+    layers: LayerSpec = "auto"
+    unit_layers: LayerSpec | None = "auto-units"
+    final_layer: str | None = None
+    views: ViewConfig = field(default_factory=ViewConfig)
+    num_pairs: int = 5
+    num_unit_views: int = 10
+    pair_mode: PairMode = "aug_aug"
+    distance: str = "l2"
+    unit_reduction: str = "mean"
+    unit_activation: str = "raw"
+    batch_size: int = 128
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_distance(self.distance)
+        check_options(self.unit_reduction, self.unit_activation)
+        if self.pair_mode not in ("aug_aug", "clean_aug"):
+            raise ValueError(f"pair_mode must be 'aug_aug' or 'clean_aug', got {self.pair_mode!r}")
+        for name in ("num_pairs", "num_unit_views", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std for normalization, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    def options(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("progress")
+        return d
+
+
+@dataclass
+class ProbeResult:
+    """Everything one probe measured. Per-point tensors are ordered by ``indices`` (ascending)."""
+
+    indices: torch.Tensor
+    layers: tuple[str, ...]
+    parents: dict[str, str | None]
+    final_layer: str
+    align_f: torch.Tensor
+    align_g: torch.Tensor | None
+    sslmem: torch.Tensor | None
+    layermem: dict[str, float]
+    delta_layermem: dict[str, float]
+    unit_layers: tuple[str, ...]
+    unitmem: dict[str, UnitScores]
+    classmem: dict[str, UnitScores]
+    options: dict[str, Any]
+
+    @property
+    def sslmem_final(self) -> torch.Tensor:
+        """Per-point SSLMem' (Eq. 2) at the final layer."""
+        if self.sslmem is None:
+            raise ValueError("no reference encoder was given: SSLMem needs g")
+        return self.sslmem[:, self.layers.index(self.final_layer)]
+
+    def sslmem_by_layer(self) -> dict[str, torch.Tensor]:
+        if self.sslmem is None:
+            raise ValueError("no reference encoder was given: SSLMem needs g")
+        return {name: self.sslmem[:, j] for j, name in enumerate(self.layers)}
+
+    def to_dict(self, thresholds: Sequence[float] = (0.5,)) -> dict[str, float]:
+        """Flat ``{"layermem/<layer>": value, ...}`` of floats, for logging."""
+        out: dict[str, float] = {}
+        for k, v in self.layermem.items():
+            out[f"layermem/{k}"] = v
+        for k, v in self.delta_layermem.items():
+            out[f"delta_layermem/{k}"] = v
+        if self.sslmem is not None:
+            out["sslmem/final_mean"] = float(self.sslmem_final.mean())
+        for kind, table in (("unitmem", self.unitmem), ("classmem", self.classmem)):
+            for layer, s in table.items():
+                valid = s.valid_scores()
+                out[f"{kind}_mean/{layer}"] = float(valid.mean()) if valid.numel() else math.nan
+                out[f"{kind}_invalid/{layer}"] = float(s.invalid_units)
+                for t in thresholds:
+                    out[f"{kind}_frac_above_{t}/{layer}"] = float((valid > t).double().mean()) if valid.numel() else math.nan
+        return out
+
+
+# ---------------------------------------------------------------- data access
+def _to_unit_float(img: Any) -> torch.Tensor:
+    if isinstance(img, torch.Tensor):
+        t = img
+    else:  # PIL image or array
+        from torchvision.transforms.v2 import functional as TF
+
+        t = TF.pil_to_tensor(img) if hasattr(img, "getbands") else torch.as_tensor(img)
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    return t.float()
+
+
+def _load(data: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images [B, C, H, W] in [0, 1] (float32) and labels (or None) for dataset indices ``idx``."""
+    if isinstance(data, torch.Tensor):
+        x = data[idx]
+        return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()), None
+    imgs, labels = [], []
+    for i in idx.tolist():
+        item = data[i]
+        if isinstance(item, (tuple, list)):
+            imgs.append(_to_unit_float(item[0]))
+            if len(item) > 1 and isinstance(item[1], (int, torch.Tensor)):
+                labels.append(int(item[1]))
+        else:
+            imgs.append(_to_unit_float(item))
+    lab = torch.tensor(labels) if len(labels) == len(imgs) else None
+    return torch.stack(imgs), lab
+
+
+def _unit_means(t: torch.Tensor) -> torch.Tensor:
+    """Per-unit mean activation: conv [B, C, H, W] -> mean over H x W; tokens [B, T, D] -> mean over
+    tokens; linear [B, D] as is."""
+    t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3))
+    if t.dim() == 3:
+        return t.mean(dim=1)
+    if t.dim() == 2:
+        return t
+    raise ValueError(f"cannot take per-unit means of an output of shape {tuple(t.shape)}")
+
+
+class _Pass:
+    """What the hooks should compute during one forward pass."""
+
+    def __init__(self, batch: int, pair: bool, unit_halves: Sequence[int]) -> None:
+        self.batch, self.pair, self.unit_halves = batch, pair, tuple(unit_halves)
+        self.dist: dict[str, torch.Tensor] = {}
+        self.units: dict[str, list[torch.Tensor]] = {}
+
+
+def run_probe(
+    model: nn.Module,
+    data: Any,
+    indices: Sequence[int] | torch.Tensor | None = None,
+    *,
+    reference: nn.Module | None = None,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    config: ProbeConfig | None = None,
+    device: torch.device | str | None = None,
+) -> ProbeResult:
+    """Probe encoder ``model`` (f) on the points ``indices`` of ``data``.
+
+    ``data``: a tensor of images [M, C, H, W] (uint8 or float in [0, 1]) or a dataset whose items
+    are images or (image, label) pairs. ``reference``: g, the same architecture trained without
+    these points (LayerMem / SSLMem need it). ``labels``: per-dataset-index labels for ClassMem
+    (else taken from (image, label) items when present).
+    """
+    cfg = config or ProbeConfig()
+    f = unwrap_model(model)
+    g = unwrap_model(reference) if reference is not None else None
+    same = g is f  # allowed: f is g gives LayerMem 0 everywhere (a sanity check)
+    if g is not None and not same:
+        check_same_architecture(f, g)
+    n_data = len(data)
+    idx_all = torch.arange(n_data) if indices is None else torch.as_tensor(indices).long().flatten()
+    if idx_all.numel() == 0:
+        raise ValueError("the probe set is empty: give at least one point index (two for UnitMem)")
+    if torch.unique(idx_all).numel() != idx_all.numel():
+        raise ValueError("the probe set lists a dataset index twice; give each point once")
+    if int(idx_all.min()) < 0 or int(idx_all.max()) >= n_data:
+        raise ValueError(f"probe indices must lie in [0, {n_data}); got {int(idx_all.min())}..{int(idx_all.max())}")
+    idx_all = torch.sort(idx_all).values
+    layer_ps = select_points(f, cfg.layers)
+    unit_names = select_points(f, cfg.unit_layers).names if cfg.unit_layers is not None else ()
+    if unit_names and idx_all.numel() < 2:
+        raise ValueError("the probe set has 1 point: UnitMem compares a unit's top point with the rest and needs >= 2")
+    label_table = torch.as_tensor(labels).long() if labels is not None else None
+    if label_table is not None and label_table.numel() != n_data:
+        raise ValueError(f"labels must give one label per dataset item ({n_data}), got {label_table.numel()}")
+    if device is None:
+        p = next(f.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    norm = None
+    if cfg.mean is not None and cfg.std is not None:
+        norm = (torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1), torch.tensor(cfg.std, device=device).view(1, -1, 1, 1))
+
+    layer_names = layer_ps.names
+    align = {"f": AlignmentAccumulator(layer_names), "g": AlignmentAccumulator(layer_names)}
+    units = {u: UnitMemAccumulator(cfg.unit_reduction, cfg.unit_activation) for u in unit_names}
+    classes = {u: ClassMemAccumulator(cfg.unit_activation) for u in unit_names}
+    layer_set, unit_set = set(layer_names), set(unit_names)
+    current: dict[str, _Pass] = {}
+
+    def hook(which: str) -> Any:
+        def cb(point: str, out: torch.Tensor) -> None:
+            ps = current[which]
+            b = ps.batch
+            if ps.pair and point in layer_set:
+                ps.dist[point] = pair_distance(out[:b], out[b:], cfg.distance)
+            if which == "f" and point in unit_set and ps.unit_halves:
+                m = _unit_means(out)
+                ps.units[point] = [m[h * b : (h + 1) * b].double() for h in ps.unit_halves]
+
+        return cb
+
+    cap_f = LayerCapture(f, tuple(dict.fromkeys(layer_names + unit_names)), hook("f"))
+    cap_g = LayerCapture(g, layer_names, hook("g")) if g is not None and not same else None
+    k_pairs, v_units = cfg.num_pairs, cfg.num_unit_views
+    order: list[str] = []
+
+    def forward(which: str, net: nn.Module, cap: LayerCapture, x: torch.Tensor, ps: _Pass) -> _Pass:
+        current[which] = ps
+        if norm is not None:
+            x = (x - norm[0]) / norm[1]
+        cap.begin_pass()
+        net(x)
+        cap.end_pass()
+        return ps
+
+    from tqdm.auto import tqdm
+
+    batches = list(torch.split(idx_all, cfg.batch_size))
+    models = (f,) if g is None or same else (f, g)
+    with probing(*models), cap_f, (cap_g if cap_g is not None else _null()):
+        for idx in tqdm(batches, desc="probe", unit="batch", disable=not cfg.progress):
+            x, item_labels = _load(data, idx)
+            x = x.to(device)
+            batch_labels = label_table[idx] if label_table is not None else item_labels
+            b = idx.numel()
+
+            def view(v: int, x: torch.Tensor = x, idx: torch.Tensor = idx) -> torch.Tensor:
+                return make_views(x, idx, v, cfg.views)
+
+            unit_sum = {u: torch.zeros(0) for u in unit_names}
+            n_unit_views = 0
+            # view pairs (one forward pass of 2B per encoder); unit views ride along
+            for k in range(k_pairs):
+                if cfg.pair_mode == "aug_aug":
+                    ids = (2 * k, 2 * k + 1)
+                    pair = torch.cat([view(ids[0]), view(ids[1])])
+                    halves = [h for h, v in enumerate(ids) if v < v_units]
+                else:
+                    ids = (-1, k)
+                    pair = torch.cat([x, view(k)])
+                    halves = [1] if k < v_units else []
+                ps_f = forward("f", f, cap_f, pair, _Pass(b, True, halves))
+                if not order:
+                    order = list(cap_f.order)
+                dist_g = None
+                if same:
+                    dist_g = ps_f.dist
+                elif g is not None and cap_g is not None:
+                    dist_g = forward("g", g, cap_g, pair, _Pass(b, True, ())).dist
+                _check_finite(ps_f.dist, "f")
+                align["f"].update(idx, ps_f.dist)
+                if dist_g is not None:
+                    _check_finite(dist_g, "reference g")
+                    align["g"].update(idx, dist_g)
+                n_unit_views += _add_units(unit_sum, ps_f)
+            # remaining unit views beyond those the pairs covered
+            covered = min(v_units, 2 * k_pairs if cfg.pair_mode == "aug_aug" else k_pairs)
+            for v in range(covered, v_units if unit_names else 0):
+                ps_f = forward("f", f, cap_f, view(v), _Pass(b, False, [0]))
+                n_unit_views += _add_units(unit_sum, ps_f)
+            if unit_names:
+                if n_unit_views != v_units:
+                    raise RuntimeError(f"internal error: {n_unit_views} unit views were averaged, expected {v_units}")
+                for u in unit_names:
+                    units[u].update(unit_sum[u] / v_units, idx)
+                if batch_labels is not None:
+                    ps_f = forward("f", f, cap_f, x, _Pass(b, False, [0]))
+                    for u in unit_names:
+                        _check_finite({u: ps_f.units[u][0]}, "f")
+                        classes[u].update(ps_f.units[u][0], batch_labels.to(device), idx)
+    return _assemble(cfg, layer_ps.parents, layer_names, order, unit_names, align, units, classes, g is not None)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _check_finite(values: Mapping[str, torch.Tensor], which: str) -> None:
+    bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"NaN or inf activations from {which} at layers {', '.join(bad)}; check the model and its inputs")
+
+
+def _add_units(unit_sum: dict[str, torch.Tensor], ps: _Pass) -> int:
+    added = 0
+    for u, parts in ps.units.items():
+        _check_finite({u: torch.stack(parts)}, "f")
+        for part in parts:
+            unit_sum[u] = part if unit_sum[u].numel() == 0 else unit_sum[u] + part
+        added = len(parts)
+    return added
+
+
+def _assemble(
+    cfg: ProbeConfig,
+    preset_parents: Mapping[str, str | None] | None,
+    layer_names: tuple[str, ...],
+    order: list[str],
+    unit_names: tuple[str, ...],
+    align: dict[str, AlignmentAccumulator],
+    units: dict[str, UnitMemAccumulator],
+    classes: dict[str, ClassMemAccumulator],
+    has_g: bool,
+) -> ProbeResult:
+    fwd = tuple(n for n in order if n in layer_names)
+    parents = dict(preset_parents) if preset_parents is not None else {n: (fwd[i - 1] if i else None) for i, n in enumerate(fwd)}
+    col = {n: j for j, n in enumerate(layer_names)}
+    indices, af = align["f"].compute()
+    af = af[:, [col[n] for n in fwd]]
+    final = cfg.final_layer or fwd[-1]
+    if final not in fwd:
+        raise ValueError(f"final_layer {final!r} is not one of the LayerMem points: {', '.join(fwd)}")
+    ag = ssl = None
+    lm: dict[str, float] = {}
+    dlm: dict[str, float] = {}
+    if has_g:
+        _, ag = align["g"].compute()
+        ag = ag[:, [col[n] for n in fwd]]
+        ssl = torch.stack([sslmem(af[:, j], ag[:, j], "ratio") for j in range(len(fwd))], dim=1)
+        lm = layermem({n: ssl[:, j] for j, n in enumerate(fwd)})
+        dlm = delta_layermem(lm, parents)
+    um = {u: units[u].compute() for u in unit_names}
+    cm = {u: classes[u].compute() for u in unit_names if classes[u].sums is not None}
+    return ProbeResult(
+        indices=indices.cpu(), layers=fwd, parents=parents, final_layer=final,
+        align_f=af.cpu(), align_g=None if ag is None else ag.cpu(), sslmem=None if ssl is None else ssl.cpu(),
+        layermem=lm, delta_layermem=dlm, unit_layers=unit_names, unitmem=um, classmem=cm,
+        options=cfg.options(),
+    )
