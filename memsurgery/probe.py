@@ -21,12 +21,16 @@ from .capture import LayerCapture, check_same_architecture, probing, select_poin
 from .metrics import (
     AlignmentAccumulator,
     ClassMemAccumulator,
+    TestResult,
     UnitMemAccumulator,
     UnitScores,
     delta_layermem,
+    kendall_tau,
     layermem,
     pair_distance,
     sslmem,
+    topk_indices,
+    topk_overlap,
 )
 from .metrics.distance import check_distance
 from .metrics.unit import check_options
@@ -110,6 +114,29 @@ class ProbeResult:
         if self.sslmem is None:
             raise ValueError("no reference encoder was given: SSLMem needs g")
         return {name: self.sslmem[:, j] for j, name in enumerate(self.layers)}
+
+    def layermem_restricted(self, k: int, least: bool = False) -> dict[str, float]:
+        """LayerMem over the k most (``least=True``: least) memorized points, ranked by the
+        final layer's SSLMem' (METRICS.md §3, NeurIPS Table 3)."""
+        by_layer = self.sslmem_by_layer()
+        kwargs = {"least_k": k} if least else {"top_k": k}
+        return layermem(by_layer, rank_by=self.final_layer, **kwargs)
+
+    def topk_sets(self, k: int) -> dict[str, list[int]]:
+        """Per layer, the dataset indices of its k most memorized points (by that layer's SSLMem')."""
+        return {name: topk_indices(v, k, index=self.indices).tolist() for name, v in self.sslmem_by_layer().items()}
+
+    def topk_overlap(self, k: int) -> dict[tuple[str, str], float]:
+        """Shared fraction of the top-k points between every pair of layers."""
+        return topk_overlap(self.sslmem_by_layer(), k)
+
+    def kendall_tau(self, layer_a: str, layer_b: str) -> TestResult:
+        """Kendall's tau (with p-value) between two layers' per-point SSLMem'."""
+        by_layer = self.sslmem_by_layer()
+        for name in (layer_a, layer_b):
+            if name not in by_layer:
+                raise ValueError(f"{name!r} is not a measured layer: {', '.join(self.layers)}")
+        return kendall_tau(by_layer[layer_a], by_layer[layer_b])
 
     def to_dict(self, thresholds: Sequence[float] = (0.5,)) -> dict[str, float]:
         """Flat ``{"layermem/<layer>": value, ...}`` of floats, for logging."""

@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 torch.set_num_threads(2)
+# tests write only to temporary directories: no example database in the repository
+settings.register_profile("memsurgery", database=None, deadline=None)
+settings.load_profile("memsurgery")
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="memsurgery-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 
 def _memsurgery_hooks(model: torch.nn.Module) -> int:

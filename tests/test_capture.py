@@ -212,3 +212,32 @@ def test_architecture_mismatch_is_reported(resnet9):
         check_same_architecture(resnet9, build_encoder("resnet18"))
     with pytest.raises(ValueError, match=r"different shapes: conv1\.conv\.weight"):
         check_same_architecture(resnet9, build_encoder("resnet9", in_channels=1))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "n_points", "n_units"),
+    [
+        ("vit_tiny", {"img_size": 32, "patch_size": 8}, 48, 12),
+        ("vit_small", {"img_size": 32, "patch_size": 4, "depth": 3}, 12, 3),
+        ("vit_base", {"img_size": 24, "patch_size": 12, "depth": 2}, 8, 2),
+        ("resnet34", {"cifar_stem": True}, 1 + 16, 1 + 16),
+        ("resnet50", {"in_channels": 1}, 1 + 16, 1 + 16),
+    ],
+)
+def test_builders_and_auto_presets(name, kwargs, n_points, n_units):
+    m = build_encoder(name, **kwargs).eval()
+    assert len(select_points(m, "auto").names) == n_points
+    assert len(select_points(m, "auto-units").names) == n_units
+    c = kwargs.get("in_channels", 3)
+    s = kwargs.get("img_size", 32)
+    fired = []
+    with LayerCapture(m, select_points(m, "auto").names, lambda p, t: fired.append(p)) as cap, torch.no_grad():
+        cap.begin_pass()
+        m(torch.rand(1, c, s, s))
+        cap.end_pass()
+    assert len(fired) == n_points
+
+
+def test_unknown_encoder_suggests_names():
+    with pytest.raises(ValueError, match=r"unknown encoder .resnet19.*Did you mean .*resnet18"):
+        build_encoder("resnet19")

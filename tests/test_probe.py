@@ -264,3 +264,24 @@ def test_without_reference_gives_unit_metrics_and_alignment_only(twins, images):
     assert res.align_f.shape == (8, 10)
     with pytest.raises(ValueError, match="SSLMem needs g"):
         _ = res.sslmem_final
+
+
+def test_topk_restricted_layermem_overlap_and_kendall(twins, images):
+    f, g = twins
+    res = run_probe(f, images, range(16), reference=g, config=ProbeConfig(num_pairs=2, unit_layers=None, progress=False))
+    final = res.sslmem_final
+    order = torch.argsort(final, descending=True, stable=True)
+    top = res.layermem_restricted(4)
+    least = res.layermem_restricted(4, least=True)
+    for j, layer in enumerate(res.layers):
+        assert top[layer] == pytest.approx(float(res.sslmem[order[:4], j].mean()))
+        assert least[layer] == pytest.approx(float(res.sslmem[order[-4:], j].mean()))
+    sets = res.topk_sets(3)
+    assert sets[res.final_layer] == res.indices[order[:3]].tolist()
+    overlap = res.topk_overlap(3)
+    assert overlap[("conv1", "conv1")] == 1.0
+    assert overlap[("conv1", "res6")] == len(set(sets["conv1"]) & set(sets["res6"])) / 3
+    tau = res.kendall_tau("res6", "res6")
+    assert tau.statistic == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="not a measured layer"):
+        res.kendall_tau("res6", "fc")
