@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._registry import Registry
+
 INPUT_SUFFIX = ":input"
 
 
@@ -49,21 +51,9 @@ class PointSet:
 
 
 # ---------------------------------------------------------------- presets
-_PRESETS: dict[str, Callable[[nn.Module], PointSet]] = {}
-
-
-def register_preset(name: str) -> Callable[[Callable[[nn.Module], PointSet]], Callable[[nn.Module], PointSet]]:
-    def deco(fn: Callable[[nn.Module], PointSet]) -> Callable[[nn.Module], PointSet]:
-        if name in _PRESETS:
-            raise ValueError(f"a layer preset named {name!r} is already registered")
-        _PRESETS[name] = fn
-        return fn
-
-    return deco
-
-
-def list_presets() -> list[str]:
-    return sorted(_PRESETS)
+_PRESETS: Registry[Callable[[nn.Module], PointSet]] = Registry("layer preset")
+register_preset = _PRESETS.register
+list_presets = _PRESETS.names
 
 
 def _family(model: nn.Module) -> str:
@@ -174,7 +164,7 @@ def _from_family(model: nn.Module, table: Mapping[str, str], name: str) -> Point
             f"preset {name!r} does not know {type(model).__name__}; select layers by name or wildcard "
             f"(e.g. ['layer*.*']) or use one of: {', '.join(list_presets())}"
         )
-    return _PRESETS[table[fam]](model)
+    return _PRESETS.get(table[fam])(model)
 
 
 # ---------------------------------------------------------------- selection
@@ -216,7 +206,7 @@ def select_points(model: nn.Module, spec: str | Sequence[str]) -> PointSet:
         if not isinstance(item, str) or not item:
             raise ValueError(f"layer selections must be non-empty strings, got {item!r}")
         if item in _PRESETS:
-            ps = _PRESETS[item](model)
+            ps = _PRESETS.get(item)(model)
             names += [n for n in ps.names if n not in names]
             if ps.parents is not None and len(items) == 1:
                 parents = dict(ps.parents)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,21 @@ from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
 torch.set_num_threads(2)
+
+
+def _register_naive() -> None:
+    """Make tests/_naive.py (deliberately naive reference implementations) importable as
+    ``memsurgery_tests_naive`` under pytest's importlib import mode."""
+    name = "memsurgery_tests_naive"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_naive.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_register_naive()
 # tests write only to temporary directories: no example database in the repository
 settings.register_profile("memsurgery", database=None, deadline=None)
 settings.load_profile("memsurgery")

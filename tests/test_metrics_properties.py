@@ -6,31 +6,15 @@ are powers of two, so float64 arithmetic is exact; otherwise each test states it
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
+import memsurgery_tests_naive as naive
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memsurgery.metrics import classmem, layermem, pair_distance, sslmem, unitmem
-
-
-def _load_naive():
-    name = "_memsurgery_tests_naive"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_naive.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-naive = _load_naive()
 
 PROPS = settings(max_examples=60, deadline=None)
 BOUND_TOL = 1e-12  # float64 rounding allowance on the edges of a bound

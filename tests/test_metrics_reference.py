@@ -6,11 +6,9 @@ Tolerances are stated per test. Inputs are float64 wherever the comparison is ti
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
+import memsurgery_tests_naive as naive
 import numpy as np
 import pytest
 import torch
@@ -33,20 +31,6 @@ from memsurgery.metrics import (
     unitmem,
 )
 from memsurgery.metrics import registry as registry_module
-
-
-def _load_naive():
-    name = "_memsurgery_tests_naive"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_naive.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-naive = _load_naive()
 
 SEEDS = [0, 1, 2]
 DISTANCE_KINDS = ["l2", "l1", "cosine", "angular"]
@@ -781,7 +765,7 @@ def test_registry_lists_the_metrics():
 
 def test_registry_refuses_duplicate_names(monkeypatch):
     # work on a copy of the registry so nothing leaks into other tests
-    monkeypatch.setattr(registry_module, "_METRICS", dict(registry_module._METRICS))
+    monkeypatch.setattr(registry_module._METRICS, "_items", dict(registry_module._METRICS._items))
     with pytest.raises(ValueError, match="'unitmem' is already registered"):
         register_metric("unitmem")(lambda mu: mu)
 
@@ -796,5 +780,5 @@ def test_registry_refuses_duplicate_names(monkeypatch):
 
 
 def test_registry_unknown_name():
-    with pytest.raises(ValueError, match=r"unknown metric 'unit_mem'; registered: .*unitmem"):
+    with pytest.raises(ValueError, match=r"unknown metric 'unit_mem'\. Did you mean unitmem.*Registered: .*unitmem"):
         get_metric("unit_mem")

@@ -9,11 +9,9 @@ stated anyway); argmax (dataset indices / class labels) must match exactly.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
-import sys
-from pathlib import Path
 
+import memsurgery_tests_naive as naive
 import numpy as np
 import pytest
 import torch
@@ -28,20 +26,6 @@ from memsurgery.metrics import (
     sslmem,
     unitmem,
 )
-
-
-def _load_naive():
-    name = "_memsurgery_tests_naive"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_naive.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-naive = _load_naive()
 
 PROPS = settings(max_examples=60, deadline=None)
 RTOL = ATOL = 1e-12

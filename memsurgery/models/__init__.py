@@ -6,38 +6,22 @@ classification head). torchvision and timm are imported lazily, when such a mode
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from .._registry import Registry
 from .resnet9 import ResNet9
 
-_ENCODERS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_encoder(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _ENCODERS:
-            raise ValueError(f"an encoder named {name!r} is already registered")
-        _ENCODERS[name] = fn
-        return fn
-
-    return deco
-
-
-def list_encoders() -> list[str]:
-    return sorted(_ENCODERS)
+_ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder")
+register_encoder = _ENCODERS.register
+list_encoders = _ENCODERS.names
 
 
 def build_encoder(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered encoder (``list_encoders()``) with its constructor arguments."""
-    if name not in _ENCODERS:
-        close = difflib.get_close_matches(name, list(_ENCODERS), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown encoder {name!r}.{hint} Known: {', '.join(list_encoders())}")
-    return _ENCODERS[name](**kwargs)
+    return _ENCODERS.get(name)(**kwargs)
 
 
 @register_encoder("resnet9")
