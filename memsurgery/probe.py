@@ -9,6 +9,7 @@ run in eval mode under ``torch.inference_mode()`` and get their previous mode ba
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -212,6 +213,57 @@ class _Pass:
         self.units: dict[str, list[torch.Tensor]] = {}
 
 
+@dataclass
+class ProbeState:
+    """What one process measured on its shard of probe points; ``merge`` folds in another shard.
+
+    Every rank gathers all states and merges them in rank order, so every rank assembles the same
+    :class:`ProbeResult` (the result of one process probing all points, up to float summation order).
+    """
+
+    parents: dict[str, str | None] | None
+    layer_names: tuple[str, ...]
+    order: list[str]
+    unit_names: tuple[str, ...]
+    align: dict[str, AlignmentAccumulator]
+    units: dict[str, UnitMemAccumulator]
+    classes: dict[str, ClassMemAccumulator]
+    has_g: bool
+
+    def merge(self, other: ProbeState) -> None:
+        if other.layer_names != self.layer_names or other.unit_names != self.unit_names:
+            raise ValueError("cannot merge probe states of different layer selections")
+        if not self.order:
+            self.order = list(other.order)
+        for key, acc in self.align.items():
+            acc.merge(other.align[key])
+        for u in self.unit_names:
+            self.units[u].merge(other.units[u])
+            self.classes[u].merge(other.classes[u])
+
+    def to(self, device: torch.device | str) -> ProbeState:
+        """A copy whose accumulator tensors live on ``device`` (CPU before gathering)."""
+        def move(acc: Any) -> Any:
+            clone = copy.copy(acc)
+            clone.load_state_dict({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in acc.state_dict().items()})
+            return clone
+
+        return ProbeState(
+            self.parents, self.layer_names, list(self.order), self.unit_names,
+            {k: move(v) for k, v in self.align.items()}, {k: move(v) for k, v in self.units.items()},
+            {k: move(v) for k, v in self.classes.items()}, self.has_g,
+        )
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default torch.distributed process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def run_probe(
     model: nn.Module,
     data: Any,
@@ -221,6 +273,7 @@ def run_probe(
     labels: torch.Tensor | Sequence[int] | None = None,
     config: ProbeConfig | None = None,
     device: torch.device | str | None = None,
+    shard: bool = True,
 ) -> ProbeResult:
     """Probe encoder ``model`` (f) on the points ``indices`` of ``data``.
 
@@ -228,12 +281,15 @@ def run_probe(
     are images or (image, label) pairs. ``reference``: g, the same architecture trained without
     these points (LayerMem / SSLMem need it). ``labels``: per-dataset-index labels for ClassMem
     (else taken from (image, label) items when present).
+
+    Under ``torch.distributed`` (e.g. ``accelerate launch``) with ``shard=True`` every rank must
+    call this (it is collective): each probes its share of the points, the states are gathered
+    and merged, and every rank returns the same result as one process probing all points.
     """
     cfg = config or ProbeConfig()
     f = unwrap_model(model)
     g = unwrap_model(reference) if reference is not None else None
-    same = g is f  # allowed: f is g gives LayerMem 0 everywhere (a sanity check)
-    if g is not None and not same:
+    if g is not None and g is not f:
         check_same_architecture(f, g)
     n_data = len(data)
     idx_all = torch.arange(n_data) if indices is None else torch.as_tensor(indices).long().flatten()
@@ -244,13 +300,38 @@ def run_probe(
     if int(idx_all.min()) < 0 or int(idx_all.max()) >= n_data:
         raise ValueError(f"probe indices must lie in [0, {n_data}); got {int(idx_all.min())}..{int(idx_all.max())}")
     idx_all = torch.sort(idx_all).values
-    layer_ps = select_points(f, cfg.layers)
-    unit_names = select_points(f, cfg.unit_layers).names if cfg.unit_layers is not None else ()
-    if unit_names and idx_all.numel() < 2:
+    if cfg.unit_layers is not None and idx_all.numel() < 2:
         raise ValueError("the probe set has 1 point: UnitMem compares a unit's top point with the rest and needs >= 2")
     label_table = torch.as_tensor(labels).long() if labels is not None else None
     if label_table is not None and label_table.numel() != n_data:
         raise ValueError(f"labels must give one label per dataset item ({n_data}), got {label_table.numel()}")
+    rank, world = _world() if shard else (0, 1)
+    state = collect_probe(f, g, data, idx_all[rank::world], label_table, cfg, device)
+    if world > 1:
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, state.to("cpu"))
+        state = states[0]
+        for other in states[1:]:
+            state.merge(other)
+    return _assemble(cfg, state)
+
+
+def collect_probe(
+    f: nn.Module,
+    g: nn.Module | None,
+    data: Any,
+    idx_all: torch.Tensor,
+    label_table: torch.Tensor | None,
+    cfg: ProbeConfig,
+    device: torch.device | str | None = None,
+) -> ProbeState:
+    """Run the probe passes over ``idx_all`` (this process's points, possibly none) and return
+    the accumulated, not yet assembled, state."""
+    same = g is f  # allowed: f is g gives LayerMem 0 everywhere (a sanity check)
+    layer_ps = select_points(f, cfg.layers)
+    unit_names = select_points(f, cfg.unit_layers).names if cfg.unit_layers is not None else ()
     if device is None:
         p = next(f.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -294,7 +375,7 @@ def run_probe(
 
     from tqdm.auto import tqdm
 
-    batches = list(torch.split(idx_all, cfg.batch_size))
+    batches = list(torch.split(idx_all, cfg.batch_size)) if idx_all.numel() else []
     models = (f,) if g is None or same else (f, g)
     with probing(*models), cap_f, (cap_g if cap_g is not None else _null()):
         for idx in tqdm(batches, desc="probe", unit="batch", disable=not cfg.progress):
@@ -347,7 +428,8 @@ def run_probe(
                     for u in unit_names:
                         _check_finite({u: ps_f.units[u][0]}, "f")
                         classes[u].update(ps_f.units[u][0], batch_labels.to(device), idx)
-    return _assemble(cfg, layer_ps.parents, layer_names, order, unit_names, align, units, classes, g is not None)
+    parents = dict(layer_ps.parents) if layer_ps.parents is not None else None
+    return ProbeState(parents, layer_names, order, unit_names, align, units, classes, g is not None)
 
 
 class _null:
@@ -374,17 +456,9 @@ def _add_units(unit_sum: dict[str, torch.Tensor], ps: _Pass) -> int:
     return added
 
 
-def _assemble(
-    cfg: ProbeConfig,
-    preset_parents: Mapping[str, str | None] | None,
-    layer_names: tuple[str, ...],
-    order: list[str],
-    unit_names: tuple[str, ...],
-    align: dict[str, AlignmentAccumulator],
-    units: dict[str, UnitMemAccumulator],
-    classes: dict[str, ClassMemAccumulator],
-    has_g: bool,
-) -> ProbeResult:
+def _assemble(cfg: ProbeConfig, state: ProbeState) -> ProbeResult:
+    layer_names, order, unit_names = state.layer_names, state.order, state.unit_names
+    align, units, classes, has_g, preset_parents = state.align, state.units, state.classes, state.has_g, state.parents
     fwd = tuple(n for n in order if n in layer_names)
     parents = dict(preset_parents) if preset_parents is not None else {n: (fwd[i - 1] if i else None) for i, n in enumerate(fwd)}
     col = {n: j for j, n in enumerate(layer_names)}

@@ -1,0 +1,49 @@
+"""Two CPU processes (torchrun + accelerate, gloo) give the single-process results."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("workers") / "probe_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], tmp: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp / "none.yaml")}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, str(WORKER), str(one)], tmp_path)
+    # torchrun is what accelerate's multi-process launcher wraps; Accelerator(cpu=True) inside the
+    # worker then runs as DistributedType.MULTI_CPU over gloo
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+          str(WORKER), str(two)], tmp_path)
+    a, b = torch.load(one), torch.load(two)
+    assert a["world"] == 1 and b["world"] == 2
+    assert torch.equal(a["indices"], b["indices"])
+    torch.testing.assert_close(b["sslmem"], a["sslmem"], rtol=0, atol=1e-5)
+    assert a["layermem"].keys() == b["layermem"].keys()
+    for k in a["layermem"]:
+        assert abs(a["layermem"][k] - b["layermem"][k]) <= 1e-5
+    for table in ("unitmem", "classmem"):
+        assert a[table].keys() == b[table].keys() and a[table]
+        for k in a[table]:
+            torch.testing.assert_close(b[table][k][0], a[table][k][0], rtol=0, atol=1e-5)
+            assert torch.equal(b[table][k][1], a[table][k][1]), f"{table} argmax differs at {k}"
