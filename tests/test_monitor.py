@@ -1,0 +1,143 @@
+"""The monitor in a real (tiny) SSL training loop, its TensorBoard output read back, its modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memsurgery.data import twin_split
+from memsurgery.models import build_encoder
+from memsurgery.monitor import Monitor, ProbeSet
+from memsurgery.probe import ProbeConfig
+from memsurgery.ssl import ProjectionHead, nt_xent
+from memsurgery.views import ViewConfig, make_views
+
+CFG = ProbeConfig(layers=("conv1", "conv4", "res2", "conv8", "res6"), unit_layers=("conv2", "conv8"),
+                  num_pairs=1, num_unit_views=2, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(60, 3, 16, 16, generator=g) * 255).to(torch.uint8)
+    labels = torch.arange(60) % 3
+    split = twin_split(60, 30, 10, 10, 10, seed=0)
+    return images, labels, split
+
+
+def _train_steps(enc, head, opt, images, idx, steps, mon=None, start=0):
+    vcfg = ViewConfig(preset="weak", seed=5)
+    for s in range(start, start + steps):
+        batch = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(s))[:16]]
+        x = images[batch]
+        v1, v2 = make_views(x, batch, 2 * s, vcfg), make_views(x, batch, 2 * s + 1, vcfg)
+        enc.train()
+        loss = nt_xent(head(enc(v1)), head(enc(v2)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step()
+
+
+def _twins(images, split):
+    out = []
+    for idx in (split.train_f, split.train_g):
+        torch.manual_seed(0)
+        enc, head = build_encoder("resnet9"), ProjectionHead(256, 64, 32)
+        opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-3)
+        out.append((enc, head, opt, idx))
+    return out
+
+
+def test_twin_training_with_monitor_and_tensorboard_read_back(data, tmp_path, count_hooks):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images, labels, split = data
+    (f, fh, fo, fi), (g, gh, go, gi) = _twins(images, split)
+    _train_steps(g, gh, go, images, gi, 4)
+    probe = ProbeSet.from_split(images, split, labels=labels)
+    mon = Monitor(f, probe, reference=g, config=CFG, every_n_steps=2, log_dir=str(tmp_path / "tb"))
+    with mon:
+        _train_steps(f, fh, fo, images, fi, 4, mon=mon)
+        assert count_hooks(f) == count_hooks(g) == 0  # nothing stays attached between probes
+        final = mon.compute()
+    assert [s for s, _ in mon.history] == [2, 4]
+    assert {"layermem/conv8", "delta_layermem/res6", "layermem_extra/conv8", "layermem_corrected/conv8",
+            "sslmem/candidates", "sslmem/shared", "sslmem/independent", "sslmem/extra",
+            "ttest_p/candidates>shared", "unitmem_mean/conv8", "unitmem_frac_above_0.8/conv2",
+            "classmem_mean/conv8"} <= set(final)
+    assert final["layermem_corrected/conv8"] == pytest.approx(final["layermem/conv8"] - final["layermem_extra/conv8"])
+    assert len(mon.top_points) == 10 and all(i in split.candidates.tolist() for i, _ in mon.top_points)
+
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    for step, metrics in mon.history:
+        for key, value in metrics.items():
+            events = {e.step: e.value for e in ea.Scalars(key)}
+            if math.isnan(value):
+                assert math.isnan(events[step])
+            else:
+                assert events[step] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert {"unitmem/conv2", "unitmem/conv8", "classmem/conv8"} <= set(tags["histograms"])
+    hist = ea.Histograms("unitmem/conv8")[-1].histogram_value
+    assert hist.num == mon.last.unitmem["conv8"].valid_scores().numel()
+    assert hist.sum == pytest.approx(float(mon.last.unitmem["conv8"].valid_scores().sum()), rel=1e-5)
+    assert {"profile/layermem", "profile/delta_layermem", "top_memorized"} <= set(tags["images"])
+    assert ea.Images("top_memorized")[-1].width > 16 * 4
+
+
+def test_single_encoder_estimate_matches_hand_computation(data):
+    images, _, split = data
+    torch.manual_seed(0)
+    f = build_encoder("resnet9")
+    probe = ProbeSet(images, split.candidates, {"extra": split.extra})
+    mon = Monitor(f, probe, config=ProbeConfig(num_pairs=2, unit_layers=None, layers=("conv4", "res6")))
+    m = mon.compute()
+    assert set(k for k in m if k.startswith("layermem")) == {"layermem_est/conv4", "layermem_est/res6"}
+    a_c, a_e = mon.last.align_f, mon.last_controls.align_f
+    for j, layer in enumerate(("conv4", "res6")):
+        mean_e = float(a_e[:, j].mean())
+        expected = sum((mean_e - float(a)) / (mean_e + float(a)) for a in a_c[:, j]) / a_c.shape[0]
+        assert m[f"layermem_est/{layer}"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_state_dict_roundtrip_and_accelerate_checkpointing(data, tmp_path):
+    from accelerate import Accelerator
+
+    images, _, split = data
+    torch.manual_seed(0)
+    f, g = build_encoder("resnet9"), build_encoder("resnet9")
+    probe = ProbeSet.from_split(images, split)
+    cfg = ProbeConfig(num_pairs=1, unit_layers=None, layers=("conv8", "res6"))
+    mon = Monitor(f, probe, reference=g, config=cfg, every_n_steps=1)
+    mon.step()
+    mon.step()
+    acc = Accelerator(cpu=True)
+    acc.register_for_checkpointing(mon)
+    acc.save_state(str(tmp_path / "ckpt"))
+    resumed = Monitor(f, probe, reference=g, config=cfg, every_n_steps=1)
+    acc2 = Accelerator(cpu=True)
+    acc2.register_for_checkpointing(resumed)
+    acc2.load_state(str(tmp_path / "ckpt"))
+    assert resumed.steps == 2 and resumed.history == mon.history and resumed.top_points == mon.top_points
+    resumed.step()
+    mon.step()
+    assert [s for s, _ in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1][1] == mon.history[-1][1]
+
+
+def test_probe_set_and_monitor_errors(data):
+    images, _, split = data
+    f = build_encoder("resnet9")
+    with pytest.raises(ValueError, match="at least 2 candidate points"):
+        ProbeSet(images, torch.tensor([1]))
+    with pytest.raises(ValueError, match="shares points with the candidates"):
+        ProbeSet(images, split.candidates, {"extra": split.candidates[:2]})
+    with pytest.raises(ValueError, match="needs never-seen points"):
+        Monitor(f, ProbeSet(images, split.candidates))
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
+        Monitor(f, ProbeSet.from_split(images, split), reference=f, every_n_steps=0)
