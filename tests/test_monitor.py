@@ -97,7 +97,7 @@ def test_single_encoder_estimate_matches_hand_computation(data):
     probe = ProbeSet(images, split.candidates, {"extra": split.extra})
     mon = Monitor(f, probe, config=ProbeConfig(num_pairs=2, unit_layers=None, layers=("conv4", "res6")))
     m = mon.compute()
-    assert set(k for k in m if k.startswith("layermem")) == {"layermem_est/conv4", "layermem_est/res6"}
+    assert {k for k in m if k.startswith("layermem")} == {"layermem_est/conv4", "layermem_est/res6"}
     a_c, a_e = mon.last.align_f, mon.last_controls.align_f
     for j, layer in enumerate(("conv4", "res6")):
         mean_e = float(a_e[:, j].mean())
