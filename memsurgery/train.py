@@ -1,0 +1,165 @@
+"""SSL training on accelerate, for one encoder or a twin pair (METRICS.md §1).
+
+``train_ssl`` runs any objective of :mod:`memsurgery.objectives` on the points ``indices`` of an
+in-memory uint8 image tensor. Views are made on the device, batched, as a pure function of
+(seed, dataset index, view id), with view id = epoch * num_views + j; each epoch's order comes
+from a generator seeded with (seed, epoch). A run is therefore a pure function of its seed, and
+resuming from a checkpoint (``accelerator.save_state``) continues exactly where it stopped.
+``train_twins`` trains f on shared + candidates and g on shared + independent with the same seed
+and hyper-parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .views import ViewConfig, make_views
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["simclr", "simsiam", "dino", "mae"] = "simclr"
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 3e-3
+    weight_decay: float = 1e-6
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    views: ViewConfig = field(default_factory=lambda: ViewConfig(preset="normal", seed=1))
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int | None = None
+    objective: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise ValueError(f"epochs must be >= 1, batch_size >= 2 and lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1 (epochs) or None")
+
+
+class _Progress:
+    """Checkpointed training position (registered with accelerate next to the model)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.losses: list[float] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.losses = [float(v) for v in state["losses"]]
+
+
+def _optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``epoch_N`` checkpoint folder under ``folder``, or None."""
+    root = Path(folder)
+    found = sorted((int(p.name.split("_")[1]), p) for p in root.glob("epoch_*") if p.name.split("_")[1].isdigit())
+    return found[-1][1] if found else None
+
+
+def train_ssl(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+    monitor: Any = None,
+    progress: bool = True,
+    desc: str = "train",
+    stop_after: int | None = None,
+) -> list[float]:
+    """Train ``encoder`` in place with ``config.method``; returns the per-epoch mean losses.
+
+    ``monitor`` (a :class:`memsurgery.monitor.Monitor`) gets ``step()`` after every optimizer
+    step and is checkpointed with the run. ``stop_after`` ends after that many epochs of this
+    call (to simulate an interruption in tests).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .objectives import build_objective
+
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    indices = torch.as_tensor(indices).long()
+    if indices.numel() < config.batch_size:
+        raise ValueError(f"{indices.numel()} training points is fewer than one batch ({config.batch_size})")
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision if torch.cuda.is_available() else "no")
+    torch.manual_seed(config.seed)
+    objective = build_objective(config.method, encoder, **config.objective)
+    opt = _optimizer(config, [p for p in objective.parameters() if p.requires_grad])
+    objective, opt = acc.prepare(objective, opt)
+    state = _Progress()
+    acc.register_for_checkpointing(state)
+    if monitor is not None:
+        acc.register_for_checkpointing(monitor)
+    if resume and checkpoint_dir is not None:
+        last = latest_checkpoint(checkpoint_dir)
+        if last is not None:
+            acc.load_state(str(last))
+    device = acc.device
+    norm = None
+    if config.mean is not None and config.std is not None:
+        norm = (torch.tensor(config.mean, device=device).view(1, -1, 1, 1), torch.tensor(config.std, device=device).view(1, -1, 1, 1))
+    inner = acc.unwrap_model(objective)
+    n_views = int(getattr(inner, "num_views", 2))
+    steps_per_epoch = indices.numel() // config.batch_size
+    total = config.epochs * steps_per_epoch
+    rank, world = acc.process_index, acc.num_processes
+    bar = tqdm(range(state.epoch, config.epochs), desc=desc, unit="epoch", disable=not progress or not acc.is_main_process,
+               initial=state.epoch, total=config.epochs)
+    for ran, epoch in enumerate(bar, start=1):
+        objective.train()
+        perm = indices[torch.randperm(indices.numel(), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))]
+        total_loss = 0.0
+        for b in range(steps_per_epoch):
+            batch = perm[b * config.batch_size : (b + 1) * config.batch_size][rank::world]
+            x = images[batch].to(device)
+            if n_views == 1 and config.method == "mae":
+                views = [x.float() / 255.0]
+            else:
+                views = [make_views(x, batch, epoch * n_views + j, config.views) for j in range(n_views)]
+            if norm is not None:
+                views = [(v - norm[0]) / norm[1] for v in views]
+            step = epoch * steps_per_epoch + b
+            with acc.autocast():
+                loss = objective(views, step=step)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            inner.on_step_end(step, total)
+            total_loss += float(loss.detach())
+            if monitor is not None:
+                monitor.step()
+        state.epoch = epoch + 1
+        state.losses.append(total_loss / steps_per_epoch)
+        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, state.losses[-1])
+        if checkpoint_dir is not None and config.checkpoint_every and state.epoch % config.checkpoint_every == 0:
+            acc.save_state(str(Path(checkpoint_dir) / f"epoch_{state.epoch}"))
+        if stop_after is not None and ran >= stop_after:
+            break
+    encoder.eval()
+    return list(state.losses)
