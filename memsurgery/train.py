@@ -95,6 +95,52 @@ def train_ssl(
     step and is checkpointed with the run. ``stop_after`` ends after that many epochs of this
     call (to simulate an interruption in tests).
     """
+    losses = _train([(encoder, torch.as_tensor(indices).long())], images, config, checkpoint_dir=checkpoint_dir,
+                    resume=resume, on_epoch_end=on_epoch_end, monitor=monitor, progress=progress, desc=desc,
+                    stop_after=stop_after)
+    return losses[0]
+
+
+def train_twins(
+    f: nn.Module,
+    g: nn.Module,
+    images: torch.Tensor,
+    split: Any,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+    monitor: Any = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> tuple[list[float], list[float]]:
+    """Train the twins in lockstep: f on ``split.train_f``, g on ``split.train_g``, same seed,
+    same hyper-parameters, one optimizer step of each per training step (so a monitor compares
+    f and g at the same point of training). Returns both loss curves."""
+    fi, gi = torch.as_tensor(split.train_f).long(), torch.as_tensor(split.train_g).long()
+    if fi.numel() != gi.numel():
+        raise ValueError(f"twins must train on as many points each (f: {fi.numel()}, g: {gi.numel()}); "
+                         "draw as many independent points as candidates")
+    lf, lg = _train([(f, fi), (g, gi)], images, config, checkpoint_dir=checkpoint_dir, resume=resume,
+                    on_epoch_end=on_epoch_end, monitor=monitor, progress=progress, desc="train twins",
+                    stop_after=stop_after)
+    return lf, lg
+
+
+def _train(
+    runs: list[tuple[nn.Module, torch.Tensor]],
+    images: torch.Tensor,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    on_epoch_end: Callable[[int, float], None] | None,
+    monitor: Any,
+    progress: bool,
+    desc: str,
+    stop_after: int | None,
+) -> list[list[float]]:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -102,16 +148,20 @@ def train_ssl(
 
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-    indices = torch.as_tensor(indices).long()
-    if indices.numel() < config.batch_size:
-        raise ValueError(f"{indices.numel()} training points is fewer than one batch ({config.batch_size})")
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision if torch.cuda.is_available() else "no")
-    torch.manual_seed(config.seed)
-    objective = build_objective(config.method, encoder, **config.objective)
-    opt = _optimizer(config, [p for p in objective.parameters() if p.requires_grad])
-    objective, opt = acc.prepare(objective, opt)
-    state = _Progress()
-    acc.register_for_checkpointing(state)
+    n_points = runs[0][1].numel()
+    if n_points < config.batch_size:
+        raise ValueError(f"{n_points} training points is fewer than one batch ({config.batch_size})")
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision=config.mixed_precision if cuda else "no")
+    prepared = []
+    for encoder, _ in runs:
+        torch.manual_seed(config.seed)  # every run starts from the same head initialization
+        objective = build_objective(config.method, encoder, **config.objective)
+        opt = _optimizer(config, [p for p in objective.parameters() if p.requires_grad])
+        prepared.append(acc.prepare(objective, opt))
+    states = [_Progress() for _ in runs]
+    for st in states:
+        acc.register_for_checkpointing(st)
     if monitor is not None:
         acc.register_for_checkpointing(monitor)
     if resume and checkpoint_dir is not None:
@@ -122,44 +172,49 @@ def train_ssl(
     norm = None
     if config.mean is not None and config.std is not None:
         norm = (torch.tensor(config.mean, device=device).view(1, -1, 1, 1), torch.tensor(config.std, device=device).view(1, -1, 1, 1))
-    inner = acc.unwrap_model(objective)
-    n_views = int(getattr(inner, "num_views", 2))
-    steps_per_epoch = indices.numel() // config.batch_size
+    inners = [acc.unwrap_model(obj) for obj, _ in prepared]
+    n_views = int(getattr(inners[0], "num_views", 2))
+    steps_per_epoch = n_points // config.batch_size
     total = config.epochs * steps_per_epoch
     rank, world = acc.process_index, acc.num_processes
-    bar = tqdm(range(state.epoch, config.epochs), desc=desc, unit="epoch", disable=not progress or not acc.is_main_process,
-               initial=state.epoch, total=config.epochs)
+    start = states[0].epoch
+    bar = tqdm(range(start, config.epochs), desc=desc, unit="epoch", disable=not progress or not acc.is_main_process,
+               initial=start, total=config.epochs)
     for ran, epoch in enumerate(bar, start=1):
-        objective.train()
-        perm = indices[torch.randperm(indices.numel(), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))]
-        total_loss = 0.0
+        gen_seed = config.seed * 100003 + epoch
+        perms = [idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(gen_seed))] for _, idx in runs]
+        sums = [0.0] * len(runs)
         for b in range(steps_per_epoch):
-            batch = perm[b * config.batch_size : (b + 1) * config.batch_size][rank::world]
-            x = images[batch].to(device)
-            if n_views == 1 and config.method == "mae":
-                views = [x.float() / 255.0]
-            else:
-                views = [make_views(x, batch, epoch * n_views + j, config.views) for j in range(n_views)]
-            if norm is not None:
-                views = [(v - norm[0]) / norm[1] for v in views]
             step = epoch * steps_per_epoch + b
-            with acc.autocast():
-                loss = objective(views, step=step)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            inner.on_step_end(step, total)
-            total_loss += float(loss.detach())
+            for r, ((objective, opt), inner) in enumerate(zip(prepared, inners, strict=True)):
+                objective.train()
+                batch = perms[r][b * config.batch_size : (b + 1) * config.batch_size][rank::world]
+                x = images[batch].to(device)
+                if n_views == 1 and config.method == "mae":
+                    views = [x.float() / 255.0]
+                else:
+                    views = [make_views(x, batch, epoch * n_views + j, config.views) for j in range(n_views)]
+                if norm is not None:
+                    views = [(v - norm[0]) / norm[1] for v in views]
+                with acc.autocast():
+                    loss = objective(views, step=step)
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                opt.step()
+                inner.on_step_end(step, total)
+                sums[r] += float(loss.detach())
             if monitor is not None:
                 monitor.step()
-        state.epoch = epoch + 1
-        state.losses.append(total_loss / steps_per_epoch)
-        bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+        for st, total_loss in zip(states, sums, strict=True):
+            st.epoch = epoch + 1
+            st.losses.append(total_loss / steps_per_epoch)
+        bar.set_postfix(loss=" / ".join(f"{st.losses[-1]:.4f}" for st in states))
         if on_epoch_end is not None:
-            on_epoch_end(epoch, state.losses[-1])
-        if checkpoint_dir is not None and config.checkpoint_every and state.epoch % config.checkpoint_every == 0:
-            acc.save_state(str(Path(checkpoint_dir) / f"epoch_{state.epoch}"))
+            on_epoch_end(epoch, states[0].losses[-1])
+        if checkpoint_dir is not None and config.checkpoint_every and states[0].epoch % config.checkpoint_every == 0:
+            acc.save_state(str(Path(checkpoint_dir) / f"epoch_{states[0].epoch}"))
         if stop_after is not None and ran >= stop_after:
             break
-    encoder.eval()
-    return list(state.losses)
+    for encoder, _ in runs:
+        encoder.eval()
+    return [list(st.losses) for st in states]

@@ -9,7 +9,7 @@ from memsurgery.data import twin_split
 from memsurgery.models import build_encoder
 from memsurgery.monitor import Monitor, ProbeSet
 from memsurgery.probe import ProbeConfig
-from memsurgery.train import TrainConfig, latest_checkpoint, train_ssl
+from memsurgery.train import TrainConfig, latest_checkpoint, train_ssl, train_twins
 from memsurgery.views import ViewConfig
 
 CFG = TrainConfig(epochs=3, batch_size=16, lr=1e-3, views=ViewConfig(preset="weak", seed=3), seed=0,
@@ -73,3 +73,15 @@ def test_bad_training_input(data):
         train_ssl(_encoder(), images.float(), split.train_f, CFG, progress=False)
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_ssl(_encoder(), images, split.train_f[:3], CFG, progress=False)
+
+
+def test_lockstep_twins_equal_separate_runs(data):
+    images, split = data
+    f, g = _encoder(), _encoder()
+    lf, lg = train_twins(f, g, images, split, CFG, progress=False)
+    f2, g2 = _encoder(), _encoder()
+    assert train_ssl(f2, images, split.train_f, CFG, progress=False) == lf
+    assert train_ssl(g2, images, split.train_g, CFG, progress=False) == lg
+    for a, b in ((f, f2), (g, g2)):
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(va, vb), k
