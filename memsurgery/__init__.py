@@ -26,6 +26,11 @@ _LAZY = {
     "ProbeResult": "memsurgery.probe",
     "run_probe": "memsurgery.probe",
     "ViewConfig": "memsurgery.views",
+    "Monitor": "memsurgery.monitor",
+    "ProbeSet": "memsurgery.monitor",
+    "monitor": "memsurgery.monitor",
+    "train": "memsurgery.train",
+    "objectives": "memsurgery.objectives",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -68,6 +68,11 @@ class ProbeSet:
     ) -> ProbeSet:
         """Candidates plus shared / independent / extra controls of a twin split, each capped at
         ``max_points`` (a seeded subsample)."""
+        if getattr(split, "extra_source", "train") != "train":
+            raise ValueError(
+                f"the split's extra points index the {split.extra_source!r} dataset, not the training images given "
+                "here; build ProbeSet(data, candidates, controls) with one tensor holding both sets of images"
+            )
         gen = torch.Generator().manual_seed(seed)
 
         def cap(idx: torch.Tensor) -> torch.Tensor:

@@ -139,5 +139,9 @@ def test_probe_set_and_monitor_errors(data):
         ProbeSet(images, split.candidates, {"extra": split.candidates[:2]})
     with pytest.raises(ValueError, match="needs never-seen points"):
         Monitor(f, ProbeSet(images, split.candidates))
+    test_split = twin_split(60, 30, 10, 10, torch.arange(5), seed=0)
+    assert test_split.extra_source == "test"
+    with pytest.raises(ValueError, match="extra points index the 'test' dataset"):
+        ProbeSet.from_split(images, test_split)
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         Monitor(f, ProbeSet.from_split(images, split), reference=f, every_n_steps=0)
