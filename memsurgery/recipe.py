@@ -1,9 +1,9 @@
-"""``memsurgery run <recipe.yaml>``: train twin encoders on embedded data and score them.
+"""``memsurgery run <recipe.yaml>``: train twin encoders with the monitor on, and report.
 
 A recipe maps onto :class:`RunConfig`. The twin setup (METRICS.md §1): f trains on shared +
-candidates, g on shared + independent, with the same seed and hyper-parameters; the probe then
-measures LayerMem / ΔLayerMem / UnitMem / ClassMem on the candidates and final-layer SSLMem' on
-every split.
+candidates, g on shared + independent, in lockstep with the same seed and hyper-parameters. The
+monitor probes on a schedule (LayerMem / ΔLayerMem / UnitMem / ClassMem on the candidates,
+final-layer SSLMem' on every split) and writes TensorBoard logs under ``<output>/tb``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any, Literal
 import torch
 
 from .config import from_dict, load_yaml
-from .data import TwinSplit, load_digits_images, twin_split
-from .metrics import ttest_greater
+from .data import load_digits_images, twin_split
 from .models import build_encoder
-from .probe import ProbeConfig, ProbeResult, run_probe
-from .ssl import SimCLRConfig, train_simclr
+from .monitor import Monitor, ProbeSet
+from .probe import ProbeConfig
+from .train import TrainConfig, train_twins
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    every_n_epochs: int = 10
+    max_points: int | None = 100  # per split (candidates and controls), a seeded subsample
+    thresholds: tuple[float, ...] = (0.5, 0.8)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: SimCLRConfig = field(default_factory=SimCLRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     output: str = "runs/quickstart"
     threads: int | None = None
 
@@ -63,73 +71,51 @@ def _load_data(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return load_digits_images(size=cfg.size)
 
 
-def _twins(cfg: RunConfig, images: torch.Tensor, split: TwinSplit, progress: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-    encoders = []
-    for name, train_idx in (("f", split.train_f), ("g", split.train_g)):
-        torch.manual_seed(cfg.train.seed)  # twins start from the same initialization
-        enc = build_encoder(cfg.model.name, in_channels=images.shape[1])
-        train_simclr(enc, images, train_idx, cfg.train, mean=cfg.probe.mean, std=cfg.probe.std,
-                     desc=f"train {name}", progress=progress)
-        encoders.append(enc)
-    return encoders[0], encoders[1]
-
-
 def run_recipe(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the recipe; writes ``summary.json`` and ``summary.md`` under ``cfg.output``."""
+    """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     images, labels = _load_data(cfg.data)
     s = cfg.split
     split = twin_split(len(images), s.shared, s.candidates, s.independent, s.extra, seed=s.seed)
-    f, g = _twins(cfg, images, split, progress)
-    t_train = time.perf_counter() - t0
-    probe_cfg = ProbeConfig(**{**cfg.probe.__dict__, "progress": progress})
-    cand = run_probe(f, images, split.candidates, reference=g, labels=labels, config=probe_cfg)
-    shared_sample = split.shared[torch.randperm(split.shared.numel(), generator=torch.Generator().manual_seed(0))[: s.candidates]]
-    controls = {"shared": shared_sample, "independent": split.independent, "extra": split.extra}
-    ctl_idx = torch.cat([v for v in controls.values() if v.numel()])
-    ctl_cfg = ProbeConfig(**{**probe_cfg.__dict__, "unit_layers": None})
-    ctl = run_probe(f, images, ctl_idx, reference=g, config=ctl_cfg)
-    summary = _summarize(cfg, cand, ctl, controls, time.perf_counter() - t0, t_train)
+    twins = []
+    for _ in range(2):
+        torch.manual_seed(cfg.train.seed)  # twins start from the same initialization
+        twins.append(build_encoder(cfg.model.name, in_channels=images.shape[1]))
+    f, g = twins
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    probe = ProbeSet.from_split(images, split, labels=labels, max_points=cfg.monitor.max_points, seed=s.seed)
+    steps_per_epoch = split.train_f.numel() // cfg.train.batch_size
+    with Monitor(f, probe, reference=g, config=cfg.probe, every_n_steps=cfg.monitor.every_n_epochs * steps_per_epoch,
+                 log_dir=str(out / "tb"), thresholds=cfg.monitor.thresholds) as mon:
+        losses_f, losses_g = train_twins(f, g, images, split, cfg.train, monitor=mon, progress=progress)
+        final = mon.compute()
+    summary = _summarize(cfg, mon, final, losses_f, losses_g, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(format_summary(summary))
     return summary
 
 
-def _summarize(cfg: RunConfig, cand: ProbeResult, ctl: ProbeResult, controls: dict[str, torch.Tensor],
-               seconds: float, train_seconds: float) -> dict[str, Any]:
-    per_split = {"candidates": cand.sslmem_final}
-    for name, idx in controls.items():
-        if idx.numel():
-            rows = torch.isin(ctl.indices, idx)
-            per_split[name] = ctl.sslmem_final[rows]
-    sslmem_means = {k: float(v.mean()) for k, v in per_split.items()}
-    tests = {}
-    for a, b in (("candidates", "shared"), ("shared", "independent"), ("candidates", "independent")):
-        if a in per_split and b in per_split:
-            r = ttest_greater(per_split[a], per_split[b])
-            tests[f"{a}>{b}"] = {"t": r.statistic, "p": r.pvalue}
-    units = {
-        u: {
-            "unitmem_mean": float(s.valid_scores().mean()),
-            "classmem_mean": float(cand.classmem[u].valid_scores().mean()) if u in cand.classmem else None,
-            "invalid_units": s.invalid_units,
-        }
-        for u, s in cand.unitmem.items()
-    }
+def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses_f: list[float], losses_g: list[float],
+               seconds: float) -> dict[str, Any]:
+    res = mon.last
+    assert res is not None
+    steps_per_epoch = max(1, (cfg.split.shared + cfg.split.candidates) // cfg.train.batch_size)
+    curve = [
+        {"epoch": step // steps_per_epoch, **{layer: m.get(f"layermem/{layer}") for layer in res.layers}}
+        for step, m in mon.history
+    ]
     return {
         "config": _jsonable(asdict(cfg)),
-        "layers": list(cand.layers),
-        "layermem": cand.layermem,
-        "delta_layermem": cand.delta_layermem,
-        "final_layer": cand.final_layer,
-        "sslmem_final_mean": sslmem_means,
-        "ttests": tests,
-        "units": units,
-        "seconds": {"total": seconds, "train": train_seconds},
+        "layers": list(res.layers),
+        "unit_layers": list(res.unit_layers),
+        "final": final,
+        "layermem_curve": curve,
+        "top_points": mon.top_points,
+        "loss": {"f": losses_f, "g": losses_g},
+        "seconds": seconds,
     }
 
 
@@ -142,16 +128,31 @@ def _jsonable(x: Any) -> Any:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = ["| layer | LayerMem | ΔLayerMem | UnitMem mean | ClassMem mean |", "|---|---:|---:|---:|---:|"]
+    m = s["final"]
+    lines = ["| layer | LayerMem | ΔLayerMem | LayerMem on never-seen (extra) | corrected | UnitMem mean | ClassMem mean |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(key: str, fmt: str = "+.4f") -> str:
+        v = m.get(key)
+        return "" if v is None else format(v, fmt)
+
     for layer in s["layers"]:
-        u = s["units"].get(layer, {})
-        um = f"{u['unitmem_mean']:.3f}" if u else ""
-        cm = f"{u['classmem_mean']:.3f}" if u and u.get("classmem_mean") is not None else ""
-        lines.append(f"| {layer} | {s['layermem'][layer]:+.4f} | {s['delta_layermem'][layer]:+.4f} | {um} | {cm} |")
-    lines += ["", f"Final-layer ({s['final_layer']}) SSLMem' mean per split:", ""]
-    lines += ["| split | mean SSLMem' |", "|---|---:|"]
-    lines += [f"| {k} | {v:+.4f} |" for k, v in s["sslmem_final_mean"].items()]
-    lines += ["", "| one-sided Welch t-test | t | p |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v['t']:.2f} | {v['p']:.2g} |" for k, v in s["ttests"].items()]
-    lines += ["", f"Total time {s['seconds']['total']:.0f} s (training {s['seconds']['train']:.0f} s)."]
+        lines.append(
+            f"| {layer} | {cell(f'layermem/{layer}')} | {cell(f'delta_layermem/{layer}')} | {cell(f'layermem_extra/{layer}')} "
+            f"| {cell(f'layermem_corrected/{layer}')} | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |"
+        )
+    for layer in s["unit_layers"]:
+        if layer not in s["layers"]:
+            lines.append(f"| {layer} |  |  |  |  | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |")
+    lines += ["", "Final-layer SSLMem' mean per split:", "", "| split | mean SSLMem' |", "|---|---:|"]
+    lines += [f"| {k.split('/', 1)[1]} | {v:+.4f} |" for k, v in m.items() if k.startswith("sslmem/") and k != "sslmem/final_mean"]
+    lines += ["", "| one-sided Welch t-test | p |", "|---|---:|"]
+    lines += [f"| {k.split('/', 1)[1]} | {v:.2g} |" for k, v in m.items() if k.startswith("ttest_p/")]
+    if s["layermem_curve"]:
+        deep = s["layers"][-3:]
+        lines += ["", "LayerMem over training (candidates):", "", "| epoch | " + " | ".join(deep) + " |",
+                  "|---:|" + "---:|" * len(deep)]
+        for row in s["layermem_curve"]:
+            lines.append(f"| {row['epoch']} | " + " | ".join(f"{row[d]:+.4f}" for d in deep) + " |")
+    lines += ["", f"Total time {s['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"

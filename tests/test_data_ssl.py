@@ -59,7 +59,8 @@ def test_nt_xent_matches_naive():
 
 TINY = """
 split: {shared: 40, candidates: 12, independent: 12, extra: 12, seed: 1}
-train: {epochs: 1, batch_size: 26, seed: 0}
+train: {epochs: 3, batch_size: 26, seed: 0}
+monitor: {every_n_epochs: 2}
 probe: {layers: resnet9, unit_layers: [conv7, conv8], num_pairs: 1, num_unit_views: 2, batch_size: 32}
 """
 
@@ -70,8 +71,12 @@ def test_main_job_runs_end_to_end(tmp_path, capsys):
     assert main(["run", str(recipe), "--no-progress", "--output", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["layers"] == ["conv1", "conv2", "conv3", "conv4", "res2", "conv5", "conv6", "conv7", "conv8", "res6"]
-    assert set(summary["sslmem_final_mean"]) == {"candidates", "shared", "independent", "extra"}
-    assert set(summary["units"]) == {"conv7", "conv8"}
-    assert all(-1 <= v <= 1 for v in summary["layermem"].values())
+    layers = ["conv1", "conv2", "conv3", "conv4", "res2", "conv5", "conv6", "conv7", "conv8", "res6"]
+    assert summary["layers"] == layers and summary["unit_layers"] == ["conv7", "conv8"]
+    final = summary["final"]
+    assert {f"sslmem/{s}" for s in ("candidates", "shared", "independent", "extra")} <= set(final)
+    assert all(-1 <= final[f"layermem/{layer}"] <= 1 for layer in layers)
+    assert {"unitmem_mean/conv8", "classmem_mean/conv7", "layermem_corrected/res6"} <= set(final)
+    assert len(summary["layermem_curve"]) == 2  # the probe at epoch 2 and the final compute()
     assert "| conv8 |" in printed and (tmp_path / "out" / "summary.md").read_text().startswith("| layer |")
+    assert any((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))
