@@ -205,13 +205,17 @@ class Monitor:
                     out[f"layermem_{ref_split}/{name}"] = v
                     out[f"layermem_corrected/{name}"] = cand.layermem[name] - v
             scores = cand.sslmem_final
-        else:
-            assert ctl is not None and ref_split is not None
+        est = None
+        if ctl is not None and ref_split is not None:
+            # the single-encoder estimate (f's alignment vs its mean on never-seen points); in twin
+            # mode it is reported next to the twin LayerMem so the two can be compared
             rows = self._split_rows(ctl, ref_split)
             mean_e = ctl.align_f[rows].mean(dim=0, keepdim=True)
             est = (mean_e - cand.align_f) / (mean_e + cand.align_f)
             for j, name in enumerate(cand.layers):
                 out[f"layermem_est/{name}"] = float(est[:, j].mean())
+        if self.reference is None:
+            assert est is not None
             scores = est[:, cand.layers.index(cand.final_layer)]
         k = min(self.top_k, scores.numel())
         order = torch.sort(scores, descending=True, stable=True).indices[:k]

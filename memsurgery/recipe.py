@@ -12,12 +12,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from .config import from_dict, load_yaml
-from .data import load_digits_images, twin_split
+from .data import twin_split
 from .models import build_encoder
 from .monitor import Monitor, ProbeSet
 from .probe import ProbeConfig
@@ -26,8 +26,14 @@ from .train import TrainConfig, train_twins
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits"] = "digits"
-    size: int = 16
+    """``name`` is a :func:`memsurgery.data.load_dataset` spec ("digits", "cifar10-jpeg",
+    "imagefolder:<path>", ...); ``size`` resizes digits / image folders; ``max_points`` keeps a
+    seeded subsample of the dataset (e.g. 10k CIFAR-10 images)."""
+
+    name: str = "digits"
+    size: int | None = 16
+    max_points: int | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,10 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """An encoder of :func:`memsurgery.models.build_encoder` and its constructor arguments."""
+
     name: str = "resnet9"
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,21 @@ def load_recipe(path: str | Path) -> RunConfig:
     return from_dict(RunConfig, load_yaml(path))
 
 
-def _load_data(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    return load_digits_images(size=cfg.size)
+def _load_data(cfg: DataConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data import load_dataset
+
+    name = cfg.name.partition(":")[0]
+    kwargs: dict[str, Any] = {}
+    if name in ("digits", "imagefolder") and cfg.size is not None:
+        kwargs["size"] = cfg.size
+    if name in ("imagefolder", "cifar10-jpeg"):
+        kwargs["progress"] = progress
+    ds = load_dataset(cfg.name, **kwargs)
+    images, labels = ds.images, ds.labels
+    if cfg.max_points is not None and cfg.max_points < len(images):
+        keep = torch.sort(torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_points]).values
+        images, labels = images[keep], labels[keep]
+    return images, labels
 
 
 def run_recipe(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -76,13 +98,19 @@ def run_recipe(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    images, labels = _load_data(cfg.data)
+    images, labels = _load_data(cfg.data, progress)
     s = cfg.split
     split = twin_split(len(images), s.shared, s.candidates, s.independent, s.extra, seed=s.seed)
     twins = []
     for _ in range(2):
         torch.manual_seed(cfg.train.seed)  # twins start from the same initialization
-        twins.append(build_encoder(cfg.model.name, in_channels=images.shape[1]))
+        kwargs = dict(cfg.model.kwargs)
+        if cfg.model.name.startswith("vit"):
+            kwargs.setdefault("in_chans", images.shape[1])
+            kwargs.setdefault("img_size", images.shape[-1])
+        else:
+            kwargs.setdefault("in_channels", images.shape[1])
+        twins.append(build_encoder(cfg.model.name, **kwargs))
     f, g = twins
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +135,18 @@ def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses_f: 
         {"epoch": step // steps_per_epoch, **{layer: m.get(f"layermem/{layer}") for layer in res.layers}}
         for step, m in mon.history
     ]
+    twin = [final.get(f"layermem/{layer}", float("nan")) for layer in res.layers]
+    est = [final.get(f"layermem_est/{layer}", float("nan")) for layer in res.layers]
+    comparison: dict[str, Any] = {}
+    if all(v == v for v in twin + est) and len(twin) > 2:  # no NaN
+        from scipy.stats import spearmanr
+
+        top = lambda v: {res.layers[i] for i in sorted(range(len(v)), key=lambda i: -v[i])[:3]}  # noqa: E731
+        comparison = {"spearman": float(spearmanr(twin, est).statistic), "top3_twin": sorted(top(twin)),
+                      "top3_estimate": sorted(top(est)), "top3_agree": top(twin) == top(est)}
     return {
         "config": _jsonable(asdict(cfg)),
+        "estimate_vs_twin": comparison,
         "layers": list(res.layers),
         "unit_layers": list(res.unit_layers),
         "final": final,
@@ -144,6 +182,11 @@ def format_summary(s: dict[str, Any]) -> str:
     for layer in s["unit_layers"]:
         if layer not in s["layers"]:
             lines.append(f"| {layer} |  |  |  |  | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |")
+    c = s.get("estimate_vs_twin") or {}
+    if c:
+        lines += ["", f"Single-encoder estimate vs twin LayerMem across layers: Spearman {c['spearman']:+.2f}; "
+                  f"top-3 layers twin {', '.join(c['top3_twin'])} / estimate {', '.join(c['top3_estimate'])} "
+                  f"({'agree' if c['top3_agree'] else 'differ'})."]
     lines += ["", "Final-layer SSLMem' mean per split:", "", "| split | mean SSLMem' |", "|---|---:|"]
     lines += [f"| {k.split('/', 1)[1]} | {v:+.4f} |" for k, v in m.items() if k.startswith("sslmem/") and k != "sslmem/final_mean"]
     lines += ["", "| one-sided Welch t-test | p |", "|---|---:|"]

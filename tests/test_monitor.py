@@ -70,6 +70,7 @@ def test_twin_training_with_monitor_and_tensorboard_read_back(data, tmp_path, co
             "ttest_p/candidates>shared", "unitmem_mean/conv8", "unitmem_frac_above_0.8/conv2",
             "classmem_mean/conv8"} <= set(final)
     assert final["layermem_corrected/conv8"] == pytest.approx(final["layermem/conv8"] - final["layermem_extra/conv8"])
+    assert {f"layermem_est/{layer}" for layer in CFG.layers} <= set(final)  # reported next to the twin values
     assert len(mon.top_points) == 10 and all(i in split.candidates.tolist() for i, _ in mon.top_points)
 
     ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
