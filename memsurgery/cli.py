@@ -10,6 +10,7 @@ EPILOG = """examples:
   memsurgery run recipes/quickstart.yaml          train twin SimCLR ResNet9s on the embedded
                                                   digits and print where they memorize
   memsurgery run recipes/quickstart.yaml --output runs/try2 --no-progress
+  memsurgery run recipes/cifar10_simclr.yaml --resume   continue an interrupted run
   memsurgery --version
 """
 
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("--output", help="output folder (overrides the recipe's 'output')")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest checkpoint under <output>/checkpoints (needs train.checkpoint_every)")
     return parser
 
 
@@ -51,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.output:
             cfg = dataclasses.replace(cfg, output=args.output)
-        summary = run_recipe(cfg, progress=not args.no_progress)
+        summary = run_recipe(cfg, progress=not args.no_progress, resume=args.resume)
         print(format_summary(summary))
         print(f"results written to {cfg.output}/summary.json and summary.md")
     return 0

@@ -35,6 +35,11 @@ class DataConfig:
     max_points: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from .data import _DATASETS
+
+        _DATASETS.get(self.name.partition(":")[0])  # unknown names raise, with close matches
+
 
 @dataclass(frozen=True)
 class SplitConfig:
@@ -93,8 +98,11 @@ def _load_data(cfg: DataConfig, progress: bool) -> tuple[torch.Tensor, torch.Ten
     return images, labels
 
 
-def run_recipe(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``."""
+def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``.
+
+    With ``train.checkpoint_every`` set, checkpoints go to ``<output>/checkpoints`` (accelerate
+    ``save_state``, the monitor included); ``resume=True`` continues from the newest one."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -118,7 +126,8 @@ def run_recipe(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     steps_per_epoch = split.train_f.numel() // cfg.train.batch_size
     with Monitor(f, probe, reference=g, config=cfg.probe, every_n_steps=cfg.monitor.every_n_epochs * steps_per_epoch,
                  log_dir=str(out / "tb"), thresholds=cfg.monitor.thresholds) as mon:
-        losses_f, losses_g = train_twins(f, g, images, split, cfg.train, monitor=mon, progress=progress)
+        losses_f, losses_g = train_twins(f, g, images, split, cfg.train, monitor=mon, progress=progress,
+                                         checkpoint_dir=out / "checkpoints", resume=resume)
         final = mon.compute()
     summary = _summarize(cfg, mon, final, losses_f, losses_g, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
