@@ -113,7 +113,7 @@ class TensorBoardLogger:
             profile = {n: metrics.get(f"layermem/{n}", metrics.get(f"layermem_est/{n}", float("nan"))) for n in res.layers}
             w.add_image("profile/layermem", profile_image(profile), step, dataformats="HWC")
             if res.delta_layermem:
-                w.add_image("profile/delta_layermem", profile_image(res.delta_layermem, "ΔLayerMem"), step, dataformats="HWC")
+                w.add_image("profile/delta_layermem", profile_image(res.delta_layermem, "delta LayerMem"), step, dataformats="HWC")
         if monitor.top_points:
             idx = torch.tensor([i for i, _ in monitor.top_points])
             data = monitor.probe.data
