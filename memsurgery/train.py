@@ -11,7 +11,6 @@ and hyper-parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,10 +82,8 @@ def train_ssl(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    on_epoch_end: Callable[[int, float], None] | None = None,
     monitor: Any = None,
     progress: bool = True,
-    desc: str = "train",
     stop_after: int | None = None,
 ) -> list[float]:
     """Train ``encoder`` in place with ``config.method``; returns the per-epoch mean losses.
@@ -96,8 +93,7 @@ def train_ssl(
     call (to simulate an interruption in tests).
     """
     losses = _train([(encoder, torch.as_tensor(indices).long())], images, config, checkpoint_dir=checkpoint_dir,
-                    resume=resume, on_epoch_end=on_epoch_end, monitor=monitor, progress=progress, desc=desc,
-                    stop_after=stop_after)
+                    resume=resume, monitor=monitor, progress=progress, desc="train", stop_after=stop_after)
     return losses[0]
 
 
@@ -110,7 +106,6 @@ def train_twins(
     *,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    on_epoch_end: Callable[[int, float], None] | None = None,
     monitor: Any = None,
     progress: bool = True,
     stop_after: int | None = None,
@@ -123,8 +118,7 @@ def train_twins(
         raise ValueError(f"twins must train on as many points each (f: {fi.numel()}, g: {gi.numel()}); "
                          "draw as many independent points as candidates")
     lf, lg = _train([(f, fi), (g, gi)], images, config, checkpoint_dir=checkpoint_dir, resume=resume,
-                    on_epoch_end=on_epoch_end, monitor=monitor, progress=progress, desc="train twins",
-                    stop_after=stop_after)
+                    monitor=monitor, progress=progress, desc="train twins", stop_after=stop_after)
     return lf, lg
 
 
@@ -135,7 +129,6 @@ def _train(
     *,
     checkpoint_dir: str | Path | None,
     resume: bool,
-    on_epoch_end: Callable[[int, float], None] | None,
     monitor: Any,
     progress: bool,
     desc: str,
@@ -209,8 +202,6 @@ def _train(
             st.epoch = epoch + 1
             st.losses.append(total_loss / steps_per_epoch)
         bar.set_postfix(loss=" / ".join(f"{st.losses[-1]:.4f}" for st in states))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, states[0].losses[-1])
         if checkpoint_dir is not None and config.checkpoint_every and states[0].epoch % config.checkpoint_every == 0:
             acc.save_state(str(Path(checkpoint_dir) / f"epoch_{states[0].epoch}"))
         if stop_after is not None and ran >= stop_after:
