@@ -15,7 +15,6 @@ so ``state_dict`` is safe for ``accelerator.register_for_checkpointing``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -220,7 +219,7 @@ class Monitor:
         k = min(self.top_k, scores.numel())
         order = torch.sort(scores, descending=True, stable=True).indices[:k]
         self.top_points = [(int(cand.indices[i]), float(scores[i])) for i in order]
-        return {k2: (float(v) if not (isinstance(v, float) and math.isnan(v)) else v) for k2, v in out.items()}
+        return {key: float(v) for key, v in out.items()}
 
     def _log(self, metrics: dict[str, float]) -> None:
         from .board import TensorBoardLogger

@@ -129,17 +129,17 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> d
         losses_f, losses_g = train_twins(f, g, images, split, cfg.train, monitor=mon, progress=progress,
                                          checkpoint_dir=out / "checkpoints", resume=resume)
         final = mon.compute()
-    summary = _summarize(cfg, mon, final, losses_f, losses_g, time.perf_counter() - t0)
+    summary = _summarize(cfg, mon, final, (losses_f, losses_g), steps_per_epoch, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(format_summary(summary))
     return summary
 
 
-def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses_f: list[float], losses_g: list[float],
-               seconds: float) -> dict[str, Any]:
+def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses: tuple[list[float], list[float]],
+               steps_per_epoch: int, seconds: float) -> dict[str, Any]:
     res = mon.last
     assert res is not None
-    steps_per_epoch = max(1, (cfg.split.shared + cfg.split.candidates) // cfg.train.batch_size)
+    losses_f, losses_g = losses
     curve = [
         {"epoch": step // steps_per_epoch, **{layer: m.get(f"layermem/{layer}") for layer in res.layers}}
         for step, m in mon.history
