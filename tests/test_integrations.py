@@ -86,3 +86,10 @@ def test_missing_framework_names_the_pip_package(module, package):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert f"pip install {package}" in out
+
+
+def test_plain_accelerate_loop_example(tmp_path):
+    ex = _load("accelerate_loop")
+    final = ex.main(["--steps", "4", "--every", "2", "--output", str(tmp_path)])
+    assert {"layermem/conv8", "layermem_corrected/conv8", "layermem_est/conv8", "sslmem/candidates"} <= set(final)
+    assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
