@@ -9,7 +9,7 @@ lazily, here). Per-unit data goes in as histograms and images, never through ``a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,7 +56,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
 
 
-def custom_layout(layers: Sequence[str], unit_layers: Sequence[str]) -> dict[str, Any]:
+def custom_layout() -> dict[str, Any]:
     """Custom-scalars layout grouping the per-layer curves (TensorBoard's CUSTOM SCALARS tab)."""
     def multiline(prefix: str) -> list[str]:
         return [rf"{prefix}/.*"]
@@ -83,22 +83,21 @@ class TensorBoardLogger:
 
         self.enabled = _world()[0] == 0
         self.writer: Any = None
-        self._layout_done = False
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer.add_custom_scalars(custom_layout())
             if options is not None:
                 self.writer.add_text("options", "```\n" + json.dumps(options, indent=2, default=str) + "\n```", 0)
 
     def log_probe(self, step: int, metrics: Mapping[str, float], monitor: Monitor) -> None:
+        from .probe import _load
+
         if not self.enabled:
             return
         w = self.writer
         res = monitor.last
-        if not self._layout_done and res is not None:
-            w.add_custom_scalars(custom_layout(res.layers, res.unit_layers))
-            self._layout_done = True
         for key, value in metrics.items():
             w.add_scalar(key, value, step)
         if res is not None:
@@ -116,8 +115,7 @@ class TensorBoardLogger:
                 w.add_image("profile/delta_layermem", profile_image(res.delta_layermem, "delta LayerMem"), step, dataformats="HWC")
         if monitor.top_points:
             idx = torch.tensor([i for i, _ in monitor.top_points])
-            data = monitor.probe.data
-            imgs = data[idx] if isinstance(data, torch.Tensor) else torch.stack([_as_image(data[int(i)]) for i in idx])
+            imgs, _ = _load(monitor.probe.data, idx)
             w.add_image("top_memorized", image_grid(imgs), step)
             w.add_text("top_memorized_points", ", ".join(f"{i} ({v:+.3f})" for i, v in monitor.top_points), step)
         w.flush()
@@ -127,11 +125,3 @@ class TensorBoardLogger:
             self.writer.close()
             self.writer = None
 
-
-def _as_image(item: Any) -> torch.Tensor:
-    img = item[0] if isinstance(item, (tuple, list)) else item
-    if isinstance(img, torch.Tensor):
-        return img
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.pil_to_tensor(img)
