@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .data import TwinSplit
-from .metrics import layermem, ttest_greater
+from .metrics import layermem, topk_indices, ttest_greater
 from .probe import ProbeConfig, ProbeResult, run_probe
 
 SPLITS = ("shared", "independent", "extra")
@@ -187,6 +187,7 @@ class Monitor:
     def _metrics(self, cand: ProbeResult, ctl: ProbeResult | None) -> dict[str, float]:
         out = cand.to_dict(self.thresholds)
         ref_split = self.probe.reference_split
+        ref_rows = self._split_rows(ctl, ref_split) if ctl is not None and ref_split is not None else None
         if self.reference is not None:
             per_split = {"candidates": cand.sslmem_final}
             if ctl is not None:
@@ -197,27 +198,24 @@ class Monitor:
             for a, b in (("candidates", "shared"), ("shared", "independent"), ("candidates", "independent"), ("candidates", "extra")):
                 if a in per_split and b in per_split and per_split[a].numel() > 1 and per_split[b].numel() > 1:
                     out[f"ttest_p/{a}>{b}"] = ttest_greater(per_split[a], per_split[b]).pvalue
-            if ctl is not None and ref_split is not None:
-                rows = self._split_rows(ctl, ref_split)
-                lm_e = layermem({name: ctl.sslmem[rows, j] for j, name in enumerate(ctl.layers)})  # type: ignore[index]
+            if ctl is not None and ref_rows is not None:
+                lm_e = layermem({name: ctl.sslmem[ref_rows, j] for j, name in enumerate(ctl.layers)})  # type: ignore[index]
                 for name, v in lm_e.items():
                     out[f"layermem_{ref_split}/{name}"] = v
                     out[f"layermem_corrected/{name}"] = cand.layermem[name] - v
             scores = cand.sslmem_final
         est = None
-        if ctl is not None and ref_split is not None:
+        if ctl is not None and ref_rows is not None:
             # the single-encoder estimate (f's alignment vs its mean on never-seen points); in twin
             # mode it is reported next to the twin LayerMem so the two can be compared
-            rows = self._split_rows(ctl, ref_split)
-            mean_e = ctl.align_f[rows].mean(dim=0, keepdim=True)
+            mean_e = ctl.align_f[ref_rows].mean(dim=0, keepdim=True)
             est = (mean_e - cand.align_f) / (mean_e + cand.align_f)
             for j, name in enumerate(cand.layers):
                 out[f"layermem_est/{name}"] = float(est[:, j].mean())
         if self.reference is None:
             assert est is not None
             scores = est[:, cand.layers.index(cand.final_layer)]
-        k = min(self.top_k, scores.numel())
-        order = torch.sort(scores, descending=True, stable=True).indices[:k]
+        order = topk_indices(scores, min(self.top_k, scores.numel()))
         self.top_points = [(int(cand.indices[i]), float(scores[i])) for i in order]
         return {key: float(v) for key, v in out.items()}
 
