@@ -35,7 +35,7 @@ from .metrics import (
 )
 from .metrics.distance import check_distance
 from .metrics.unit import check_options
-from .views import ViewConfig, make_views
+from .views import ViewConfig, make_views, normalizer
 
 PairMode = Literal["aug_aug", "clean_aug"]
 LayerSpec = str | tuple[str, ...]
@@ -336,9 +336,7 @@ def collect_probe(
         p = next(f.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    norm = None
-    if cfg.mean is not None and cfg.std is not None:
-        norm = (torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1), torch.tensor(cfg.std, device=device).view(1, -1, 1, 1))
+    normalize = normalizer(cfg.mean, cfg.std, device)
 
     layer_names = layer_ps.names
     align = {"f": AlignmentAccumulator(layer_names), "g": AlignmentAccumulator(layer_names)}
@@ -366,10 +364,8 @@ def collect_probe(
 
     def forward(which: str, net: nn.Module, cap: LayerCapture, x: torch.Tensor, ps: _Pass) -> _Pass:
         current[which] = ps
-        if norm is not None:
-            x = (x - norm[0]) / norm[1]
         cap.begin_pass()
-        net(x)
+        net(normalize(x))
         cap.end_pass()
         return ps
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .views import ViewConfig, make_views
+from .views import ViewConfig, make_views, normalizer
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,7 @@ def _train(
         if last is not None:
             acc.load_state(str(last))
     device = acc.device
-    norm = None
-    if config.mean is not None and config.std is not None:
-        norm = (torch.tensor(config.mean, device=device).view(1, -1, 1, 1), torch.tensor(config.std, device=device).view(1, -1, 1, 1))
+    normalize = normalizer(config.mean, config.std, device)
     inners = [acc.unwrap_model(obj) for obj, _ in prepared]
     n_views = int(getattr(inners[0], "num_views", 2))
     steps_per_epoch = n_points // config.batch_size
@@ -187,8 +185,7 @@ def _train(
                     views = [x.float() / 255.0]
                 else:
                     views = [make_views(x, batch, epoch * n_views + j, config.views) for j in range(n_views)]
-                if norm is not None:
-                    views = [(v - norm[0]) / norm[1] for v in views]
+                views = [normalize(v) for v in views]
                 with acc.autocast():
                     loss = objective(views, step=step)
                 opt.zero_grad(set_to_none=True)

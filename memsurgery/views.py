@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -614,3 +614,15 @@ def make_views(
         mask_ratio=config.mask_ratio, mask_patch=config.mask_patch,
     )  # fmt: skip
     return apply_params(x, params)
+
+
+def normalizer(
+    mean: Sequence[float] | None, std: Sequence[float] | None, device: torch.device | str | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-channel ``(x - mean) / std`` for [N, C, H, W] views (applied AFTER the views, which
+    are made on [0, 1] pixels); the identity when ``mean`` / ``std`` are None."""
+    if mean is None or std is None:
+        return lambda x: x
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    sd = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return lambda x: (x - m) / sd
