@@ -84,7 +84,7 @@ def test_missing_framework_names_the_pip_package(module, package):
         f"try:\n    import memsurgery.integrations.{module}\n"
         "except ImportError as e:\n    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
     assert f"pip install {package}" in out
 
 
