@@ -1,0 +1,248 @@
+"""Export / reload through safetensors: bit-identical round trips and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from memsurgery.export import load_model, save_model, tensor_digest, to_jsonable
+from memsurgery.models import build_encoder, register_encoder
+
+VIT = {"name": "vit_tiny", "img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}
+SHAPE = (1, 3, 16, 16)
+
+
+class _Tied(nn.Module):
+    """Two linear layers sharing one weight (as an embedding and an output head often do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+register_encoder("_test_export_tied")(_Tied)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+
+
+def _trained_bn(model: nn.Module) -> nn.Module:
+    """Non-default BatchNorm statistics, so a round trip that dropped buffers would show."""
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, *SHAPE[1:]))
+    return model.eval()
+
+
+def test_resnet9_round_trip_bit_identical(resnet9, tmp_path):
+    model = _trained_bn(resnet9)
+    scores = {"conv1": torch.tensor([0.5, float("nan"), 0.25])}
+    path = save_model(model, tmp_path / "r9.safetensors", arch={"name": "resnet9"}, input_shape=SHAPE,
+                      plan=["conv3", "conv4"], options={"distance": "l2"}, scores=scores,
+                      extra={"dataset": "digits", "seed": 3})
+    loaded, meta = load_model(path)
+    assert not loaded.training
+    x = _x()
+    assert torch.equal(model(x), loaded(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    import memsurgery
+
+    assert meta["version"] == memsurgery.__version__
+    assert meta["arch"] == {"name": "resnet9", "kwargs": {}}
+    assert meta["input_shape"] == list(SHAPE)
+    assert meta["plan"] == ["conv3", "conv4"] and meta["plan_type"] == "layers"
+    assert meta["options"] == {"distance": "l2"}
+    assert meta["scores"] == {"conv1": [0.5, None, 0.25]}
+    assert meta["extra"] == {"dataset": "digits", "seed": 3}
+    assert meta["history"] is None
+    assert len(meta["sha256"]) == 64
+    assert sorted(os.listdir(tmp_path)) == ["r9.safetensors"]
+
+
+def test_vit_round_trip_bit_identical(tiny_vit, tmp_path):
+    model = tiny_vit.eval()
+    path = save_model(model, tmp_path / "sub" / "vit.safetensors", arch=VIT, input_shape=SHAPE)
+    loaded, meta = load_model(path)
+    x = _x()
+    assert torch.equal(model(x), loaded(x))
+    assert meta["arch"]["kwargs"]["depth"] == 2
+
+
+def test_arch_with_kwargs_key_and_plain_safetensors_readers(tmp_path):
+    torch.manual_seed(0)
+    model = build_encoder("resnet9", in_channels=1).eval()
+    path = save_model(model, tmp_path / "m.safetensors", arch={"name": "resnet9", "kwargs": {"in_channels": 1}},
+                      input_shape=(1, 1, 16, 16))
+    loaded, _ = load_model(path)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(model(x), loaded(x))
+    # the file is a plain safetensors file too
+    plain = build_encoder("resnet9", in_channels=1)
+    missing, unexpected = safetensors.torch.load_model(plain, path)
+    assert not missing and not unexpected
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model = _Tied()
+    path = save_model(model, tmp_path / "t.safetensors", arch="_test_export_tied", input_shape=(1, 4))
+    stored = safetensors.torch.load_file(path)
+    assert sorted(stored) == ["a.weight"]
+    loaded, meta = load_model(path)
+    assert meta["shared"] == {"b.weight": "a.weight"}
+    assert loaded.b.weight is loaded.a.weight
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_to_jsonable():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class S:
+        scores: torch.Tensor
+        n: int
+
+    out = to_jsonable({"a": S(torch.tensor([1.0, float("inf")]), 2), "b": (1, 2.5)})
+    assert out == {"a": {"scores": [1.0, None], "n": 2}, "b": [1, 2.5]}
+    with pytest.raises(TypeError, match=r"extra\['f'\] is a function"):
+        to_jsonable({"f": lambda: 0}, "extra")
+
+
+# ---------------------------------------------------------------- errors
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="no model file at"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(resnet9, tmp_path):
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"not a readable safetensors file \(truncated or corrupt"):
+        load_model(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_model(junk)
+    assert path.read_bytes() == data  # the good file is untouched
+
+
+def test_tampered_weights(resnet9, tmp_path):
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    data = bytearray(path.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    start, end = header["conv3.conv.weight"]["data_offsets"]
+    pos = 8 + header_len + (start + end) // 2
+    data[pos] ^= 0x40  # flip one bit inside conv3's weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the SHA-256 digest"):
+        load_model(path)
+
+
+def test_safetensors_without_memsurgery_metadata(resnet9, tmp_path):
+    path = tmp_path / "plain.safetensors"
+    safetensors.torch.save_model(resnet9, str(path))
+    with pytest.raises(ValueError, match=r"without memsurgery metadata.*safetensors\.torch\.load_model"):
+        load_model(path)
+
+
+def _rewrite_meta(path, **changes):
+    """Rewrite metadata entries while keeping the tensors (and so the digest) intact."""
+    tensors = safetensors.torch.load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta.update({f"memsurgery.{k}": v for k, v in changes.items()})
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+
+def test_unknown_architecture_lists_close_matches(resnet9, tmp_path):
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    _rewrite_meta(path, arch=json.dumps({"name": "resnt9", "kwargs": {}}))
+    with pytest.raises(ValueError, match=r"architecture 'resnt9'.*not a registered encoder.*resnet9"):
+        load_model(path)
+
+
+def test_wrong_architecture_plan(resnet9, tmp_path):
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    _rewrite_meta(path, plan=json.dumps({"layers": ["blocks.3"], "strategy": "top"}), plan_type="LayerPlan")
+    with pytest.raises(ValueError, match=r"plan names layer 'blocks.3'.*another architecture"):
+        load_model(path)
+    with pytest.raises(ValueError, match=r"plan names layer 'layer2.1'"):
+        save_model(resnet9, tmp_path / "n.safetensors", arch="resnet9", input_shape=SHAPE, plan=["layer2.1"])
+    assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_weights_that_do_not_fit_the_arch(resnet9, tmp_path):
+    with pytest.raises(ValueError, match=r"does not match arch 'resnet9' \{'in_channels': 1\}.*shape mismatches"):
+        save_model(resnet9, tmp_path / "m.safetensors", arch={"name": "resnet9", "in_channels": 1}, input_shape=SHAPE)
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    _rewrite_meta(path, arch=json.dumps({"name": "resnet9", "kwargs": {"in_channels": 1}}))
+    with pytest.raises(ValueError, match=r"do not fit the rebuilt 'resnet9'.*conv1.conv.weight"):
+        load_model(path)
+
+
+def test_bad_arguments(resnet9, tmp_path):
+    with pytest.raises(TypeError, match="arch must be an encoder name or a dict"):
+        save_model(resnet9, tmp_path / "m.safetensors", arch={"kind": "resnet9"}, input_shape=SHAPE)
+    with pytest.raises(ValueError, match="input_shape must be positive ints"):
+        save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=(1, 0, 16, 16))
+    with pytest.raises(ValueError, match="is a directory"):
+        save_model(resnet9, tmp_path, arch="resnet9", input_shape=SHAPE)
+    with pytest.raises(TypeError, match=r"scores.*cannot be stored as JSON"):
+        save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE, scores=object())
+    assert os.listdir(tmp_path) == []
+
+
+def test_crash_during_write_leaves_nothing(resnet9, tmp_path, monkeypatch):
+    final = tmp_path / "m.safetensors"
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(resnet9, final, arch="resnet9", input_shape=SHAPE)
+    assert os.listdir(tmp_path) == []
+
+
+def test_crash_keeps_previous_file(resnet9, tmp_path, monkeypatch):
+    final = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    before = final.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(resnet9, final, arch="resnet9", input_shape=SHAPE)
+    assert final.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_digest_covers_names_dtypes_shapes():
+    t = {"a": torch.zeros(2, 3)}
+    base = tensor_digest(t)
+    assert tensor_digest({"b": torch.zeros(2, 3)}) != base
+    assert tensor_digest({"a": torch.zeros(3, 2)}) != base
+    assert tensor_digest({"a": torch.zeros(2, 3, dtype=torch.float64)}) != base
+    assert tensor_digest({"a": torch.zeros(2, 3)}) == base
