@@ -20,6 +20,7 @@ from .config import from_dict, load_yaml
 from .data import twin_split
 from .models import build_encoder
 from .monitor import Monitor, ProbeSet
+from .pipeline import RunFolder, SurgeryConfig, write_json
 from .probe import ProbeConfig
 from .train import TrainConfig, train_twins
 
@@ -73,6 +74,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     output: str = "runs/quickstart"
     threads: int | None = None
 
@@ -98,29 +100,58 @@ def _load_data(cfg: DataConfig, progress: bool) -> tuple[torch.Tensor, torch.Ten
     return images, labels
 
 
+def model_kwargs(cfg: RunConfig, images: torch.Tensor) -> dict[str, Any]:
+    """The encoder's constructor arguments: the recipe's, plus input channels / size from the data."""
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.name.startswith("vit"):
+        kwargs.setdefault("in_chans", images.shape[1])
+        kwargs.setdefault("img_size", images.shape[-1])
+    else:
+        kwargs.setdefault("in_channels", images.shape[1])
+    return kwargs
+
+
+def build_twins(cfg: RunConfig, images: torch.Tensor) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """f and g, built from the same seed (twins start from the same initialization)."""
+    twins = []
+    for _ in range(2):
+        torch.manual_seed(cfg.train.seed)
+        twins.append(build_encoder(cfg.model.name, **model_kwargs(cfg, images)))
+    return twins[0], twins[1]
+
+
+def load_checkpoint_weights(checkpoint: str | Path, encoders: list[torch.nn.Module]) -> None:
+    """Load the encoders of a ``save_state`` checkpoint of :func:`train_twins` (``model.safetensors``
+    holds the first objective, ``model_1.safetensors`` the second; the encoder is ``encoder.*``)."""
+    from safetensors.torch import load_file
+
+    for i, enc in enumerate(encoders):
+        path = Path(checkpoint) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {checkpoint} is not a complete memsurgery training checkpoint")
+        state = {k.removeprefix("encoder."): v for k, v in load_file(str(path)).items() if k.startswith("encoder.")}
+        enc.load_state_dict(state, strict=True)
+
+
 def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``.
+    """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``,
+    the trained twins (``f.safetensors``, ``g.safetensors``), the split and the candidates' scores,
+    then the surgery stages the recipe lists (``surgery.stages``; see :mod:`memsurgery.pipeline`).
 
     With ``train.checkpoint_every`` set, checkpoints go to ``<output>/checkpoints`` (accelerate
     ``save_state``, the monitor included); ``resume=True`` continues from the newest one."""
+    from .stages import STAGE_FUNCTIONS, save_trained
+    from .surgery.scores import ScoreSet
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     images, labels = _load_data(cfg.data, progress)
     s = cfg.split
     split = twin_split(len(images), s.shared, s.candidates, s.independent, s.extra, seed=s.seed)
-    twins = []
-    for _ in range(2):
-        torch.manual_seed(cfg.train.seed)  # twins start from the same initialization
-        kwargs = dict(cfg.model.kwargs)
-        if cfg.model.name.startswith("vit"):
-            kwargs.setdefault("in_chans", images.shape[1])
-            kwargs.setdefault("img_size", images.shape[-1])
-        else:
-            kwargs.setdefault("in_channels", images.shape[1])
-        twins.append(build_encoder(cfg.model.name, **kwargs))
-    f, g = twins
-    out = Path(cfg.output)
+    f, g = build_twins(cfg, images)
+    run = RunFolder(cfg.output)
+    out = run.root
     out.mkdir(parents=True, exist_ok=True)
     probe = ProbeSet.from_split(images, split, labels=labels, max_points=cfg.monitor.max_points, seed=s.seed)
     steps_per_epoch = split.train_f.numel() // cfg.train.batch_size
@@ -132,6 +163,15 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> d
     summary = _summarize(cfg, mon, final, (losses_f, losses_g), steps_per_epoch, time.perf_counter() - t0)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(format_summary(summary))
+    split.save_json(run.split_path)
+    assert mon.last is not None
+    ScoreSet.from_probe(mon.last).save(run.scores_path)
+    models = {name: save_trained(run, name, m, cfg, images) for name, m in (("f", f), ("g", g))}
+    write_json(run.report_path("train"), {"stage": "train", "models": models, "seconds": summary["seconds"]})
+    stages = {}
+    for stage in cfg.surgery.stages:
+        stages[stage] = STAGE_FUNCTIONS[stage](cfg, progress=progress)
+    summary["stages"] = stages
     return summary
 
 

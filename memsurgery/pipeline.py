@@ -1,0 +1,234 @@
+"""The surgery stages of a recipe: score -> prune / swap -> fine-tune -> export -> report.
+
+Every stage reads and writes files in the recipe's output folder, so each also runs alone from
+the CLI (``memsurgery prune recipe.yaml`` after ``memsurgery run`` or ``memsurgery score``):
+
+==================  ======================================================================
+``f.safetensors``   the trained encoder f (``g.safetensors``: its twin), written by training
+``split.json``      the twin split
+``scores.json``     UnitMem / ClassMem per unit, LayerMem / ΔLayerMem per layer (``score``)
+``<stage>.safetensors``  the model each surgery stage produced (``pruned``, ``swapped``,
+                    ``finetuned``), with the plan, the scores and the options in its metadata
+``reports/<stage>.json``  what the stage changed and the accuracies before / after
+``report.md``       every stage's report, and a reload check of every exported model
+==================  ======================================================================
+
+Accuracy is the linear-probe accuracy of frozen features (``evaluate``) on a seeded train / test
+split of the whole dataset, the same split for every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+STAGES = ("score", "prune", "swap", "finetune", "export", "report")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Linear probe on frozen features: ``method`` logreg (scikit-learn) or torch; a seeded split
+    with ``test_fraction`` of the dataset held out; ``knn_k`` adds a kNN accuracy."""
+
+    method: Literal["logreg", "torch"] = "logreg"
+    test_fraction: float = 0.3
+    knn_k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"evaluate.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Prune units of f ranked by a per-unit score (METRICS.md §7, Table 6)."""
+
+    mode: Literal["zero", "structural"] = "zero"
+    strategy: Literal["top", "low", "random"] = "low"
+    score: Literal["unitmem", "classmem"] = "unitmem"
+    ratio: float | None = 0.1
+    count: int | None = None
+    scope: Literal["layer", "global"] = "layer"
+    seed: int = 0
+    protected: tuple[str, ...] = ()
+    heads: bool = False
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    """Replace f's most memorizing layers by a donor's (METRICS.md §7, Table 21). ``donor``: "g"
+    (the twin) or a path to an exported ``.safetensors`` encoder of the same architecture."""
+
+    donor: str = "g"
+    score: Literal["layermem", "delta_layermem"] = "delta_layermem"
+    strategy: Literal["top", "low", "random"] = "top"
+    k: int = 3
+    weights_only: bool = False
+    seed: int = 0
+    protected: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FinetuneStageConfig:
+    """Fine-tune the chosen layers + a linear head on the labelled dataset (Table 5).
+
+    ``source``: which model to start from (f, or the output of the prune / swap stage).
+    ``policy``: ranked (the k layers with the highest ``score``), last (the last k layers) or
+    head_only."""
+
+    source: Literal["f", "pruned", "swapped"] = "f"
+    policy: Literal["ranked", "last", "head_only"] = "ranked"
+    score: Literal["layermem", "delta_layermem"] = "delta_layermem"
+    k: int = 3
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    """The optional surgery part of a recipe. ``stages`` lists what ``memsurgery run`` does after
+    training, in order (empty: training only); each needs its section when it is listed."""
+
+    stages: tuple[str, ...] = ()
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig | None = None
+    swap: SwapConfig | None = None
+    finetune: FinetuneStageConfig | None = None
+
+    def __post_init__(self) -> None:
+        for s in self.stages:
+            if s not in STAGES:
+                import difflib
+
+                close = difflib.get_close_matches(s, STAGES, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown stage {s!r}.{hint} Stages: {', '.join(STAGES)}")
+            if s in ("prune", "swap", "finetune") and getattr(self, s) is None:
+                raise ValueError(f"stage {s!r} is listed but the recipe has no surgery.{s} section")
+
+
+# ---------------------------------------------------------------------------- helpers
+def output_digest(model: nn.Module, inputs: torch.Tensor) -> str:
+    """SHA-256 of the model's eval-mode output on ``inputs``: equal digests = bit-identical outputs."""
+    from .capture import probing
+
+    with probing(model):
+        out = model(inputs)
+    return hashlib.sha256(out.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def digest_inputs(shape: tuple[int, ...], n: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.rand((n, *shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, (set, frozenset)):
+        return sorted(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def eval_split(n: int, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded train / test index split every stage evaluates on."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    n_test = max(1, round(n * cfg.test_fraction))
+    return torch.sort(perm[n_test:]).values, torch.sort(perm[:n_test]).values
+
+
+class Evaluator:
+    """Linear-probe (and kNN) accuracy of an encoder on the recipe's evaluation split."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: EvalConfig,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> None:
+        self.cfg, self.mean, self.std = cfg, mean, std
+        self.train_idx, self.test_idx = eval_split(len(images), cfg)
+        self.images, self.labels = images, labels
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        from .surgery.evaluate import evaluate_encoder
+
+        tr, te = self.train_idx, self.test_idx
+        return dict(evaluate_encoder(model, self.images[tr], self.labels[tr], self.images[te], self.labels[te],
+                                     method=self.cfg.method, mean=self.mean, std=self.std, knn_k=self.cfg.knn_k))
+
+
+class RunFolder:
+    """The files of one recipe's output folder (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def model_path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors"
+
+    @property
+    def scores_path(self) -> Path:
+        return self.root / "scores.json"
+
+    @property
+    def split_path(self) -> Path:
+        return self.root / "split.json"
+
+    def report_path(self, stage: str) -> Path:
+        return self.root / "reports" / f"{stage}.json"
+
+    def load(self, name: str) -> tuple[nn.Module, dict[str, Any]]:
+        from .export import load_model
+
+        path = self.model_path(name)
+        if not path.exists():
+            hint = {"f": "`memsurgery run <recipe>` (training writes f and g)", "g": "`memsurgery run <recipe>`"}
+            raise FileNotFoundError(f"no model {name!r} at {path}: run {hint.get(name, f'the {name} stage')} first")
+        return load_model(path)
+
+    def save(self, name: str, model: nn.Module, meta: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Export ``model`` as ``<name>.safetensors`` with ``meta``'s architecture; returns what the
+        report records (path, parameter count, output digest)."""
+        from .export import save_model
+
+        shape = tuple(meta["input_shape"])
+        path = save_model(model, self.model_path(name), arch=meta["arch"], input_shape=shape, **kwargs)
+        return {"path": str(path.name), "params": sum(p.numel() for p in model.parameters()),
+                "output_digest": output_digest(model, digest_inputs(shape))}
+
+
+def timed(fn: Any) -> Any:
+    """Decorator: adds ``seconds`` to the stage's report dict."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out: dict[str, Any] = fn(*args, **kwargs)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
