@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -243,16 +242,23 @@ def save_model(
     shape = [int(s) for s in input_shape]
     if not shape or any(s < 1 for s in shape) or len(shape) != len(tuple(input_shape)):
         raise ValueError(f"input_shape must be positive ints (an example batch, e.g. (1, 3, 32, 32)), got {input_shape!r}")
-    # the architecture must rebuild this model's keys (and shapes, unless a pruning history
-    # changes them): refuse to write a file that load_model could not read back
-    with torch.device("meta"):
-        fresh = _build(name, kwargs, "arch")
-    problem = _mismatch(_shape_table(fresh), _shape_table(model), shapes=history is None)
+    # refuse to write a file that load_model could not read back: the architecture (and the
+    # pruning history, replayed as it will be stored) must rebuild this model's keys and shapes
+    history_json = None if history is None else _dumps(history, "history")
+    if history_json is None:
+        with torch.device("meta"):
+            fresh = _build(name, kwargs, "arch")
+    else:
+        fresh = _rebuild_pruned(_build(name, kwargs, "arch"), json.loads(history_json), shape,
+                                f"arch {name!r} {kwargs}", "save_model")
+    problem = _mismatch(_shape_table(fresh), _shape_table(model), shapes=True)
     if problem:
         raise ValueError(
-            f"the model does not match arch {name!r} {kwargs}: {problem}. Pass the name and constructor "
-            "arguments the model was built with" + ("" if history is not None else
-                                                   ", and the pruning history if it was pruned")
+            f"the model does not match arch {name!r} {kwargs}"
+            f"{'' if history is None else ' after replaying the given pruning history'}: {problem}. "
+            "Pass the name and constructor arguments the model was built with"
+            + (", and the pruning history if it was pruned" if history is None else
+               " and the history of this model's pruning (report.extra['history'])")
         )
     if plan is not None:
         _check_plan_names(model, _plan_payload(plan)[0], "save_model")
@@ -269,7 +275,9 @@ def save_model(
         payload, kind = _plan_payload(plan)
         meta[PREFIX + "plan"] = _dumps(payload, "plan")
         meta[PREFIX + "plan_type"] = kind
-    for key, value in (("history", history), ("options", options), ("scores", scores), ("extra", extra)):
+    if history_json is not None:
+        meta[PREFIX + "history"] = history_json
+    for key, value in (("options", options), ("scores", scores), ("extra", extra)):
         if value is not None:
             meta[PREFIX + key] = _dumps(value, key)
     return _atomic_write(tensors, meta, Path(path))
@@ -382,53 +390,23 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
 
 
 def _replay(model: nn.Module, meta: Mapping[str, Any], path: Path) -> nn.Module:
-    from .surgery.prune import replay_history
-
     shape = meta["input_shape"]
     if not isinstance(shape, list) or not shape or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"{path}: the pruning history needs an example input, but input_shape is {shape!r}")
-    history = meta["history"]
-    _check_history_names(model, history, path)
+    return _rebuild_pruned(model, meta["history"], shape, str(meta["arch"]), str(path))
+
+
+def _rebuild_pruned(model: nn.Module, history: Any, shape: Sequence[int], arch: str, source: str) -> nn.Module:
+    from .surgery.prune import replay_history
+
     try:
-        return replay_history(model, history, torch.zeros(shape))
+        return replay_history(model, history, torch.zeros(list(shape)))
     except (ValueError, KeyError, IndexError, AttributeError, RuntimeError, TypeError) as e:
         raise ValueError(
-            f"{path}: cannot replay the stored pruning history on {meta['arch']}: {type(e).__name__}: {e}. "
-            "The history was recorded on another architecture or input shape; export again with the "
-            "history of this model"
+            f"{source}: cannot replay the pruning history on {arch}: {type(e).__name__}: {e}. "
+            "The history was recorded on another architecture or input shape; pass the history "
+            "prune_structural_ returned for this model (report.extra['history'])"
         ) from e
-
-
-_NAME = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*$")
-
-
-def _check_history_names(model: nn.Module, history: Any, path: Path) -> None:
-    """Layer names in a history (strings that look like dotted module paths and are keys or
-    'layer'/'module'/'name' values) must exist in the rebuilt model."""
-    modules = [n for n, _ in model.named_modules() if n]
-    known = set(modules) | {k for k, _ in model.named_parameters()}
-    names: list[str] = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                if k in ("layer", "module", "name", "layers", "modules") and isinstance(v, str):
-                    names.append(v)
-                elif k in ("layers", "modules") and isinstance(v, list):
-                    names.extend(x for x in v if isinstance(x, str))
-                walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-
-    walk(history)
-    for n in names:
-        if _NAME.match(n) and n not in known:
-            raise ValueError(
-                f"{path}: the stored pruning history prunes layer {n!r}, which the rebuilt "
-                f"{type(model).__name__} does not have: it was recorded on another architecture."
-                f"{_close(n, modules)} Export again with this model's own history"
-            )
 
 
 __all__ = ["load_model", "save_model", "tensor_digest", "to_jsonable"]

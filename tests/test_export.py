@@ -246,3 +246,54 @@ def test_digest_covers_names_dtypes_shapes():
     assert tensor_digest({"a": torch.zeros(3, 2)}) != base
     assert tensor_digest({"a": torch.zeros(2, 3, dtype=torch.float64)}) != base
     assert tensor_digest({"a": torch.zeros(2, 3)}) == base
+
+
+# ---------------------------------------------------------------- structurally pruned models
+@pytest.fixture(scope="module")
+def pruned_resnet9():
+    """(model, plan, report): ResNet9 with a quarter of conv3's and conv6's channels removed
+    (shared by the tests below, which do not modify it)."""
+    from memsurgery.surgery.plan import plan_units
+    from memsurgery.surgery.prune import prune_structural_
+
+    torch.manual_seed(0)
+    model = _trained_bn(build_encoder("resnet9"))
+    plan = plan_units({"conv3": torch.arange(64.0), "conv6": torch.rand(256)}, "low", ratio=0.25)
+    report = prune_structural_(model, plan, torch.zeros(SHAPE))
+    return model.eval(), plan, report
+
+
+def test_pruned_resnet9_round_trip_bit_identical(pruned_resnet9, tmp_path):
+    model, plan, report = pruned_resnet9
+    assert report.params_after < report.params_before
+    history = report.extra["history"]
+    path = save_model(model, tmp_path / "p.safetensors", arch="resnet9", input_shape=SHAPE, plan=plan,
+                      history=history, scores={"conv3": torch.arange(64.0)})
+    loaded, meta = load_model(path)
+    x = _x()
+    assert torch.equal(model(x), loaded(x))
+    assert loaded.conv3.conv.out_channels == model.conv3.conv.out_channels == 48
+    assert meta["history"] == history and meta["plan_type"] == "UnitPlan"
+    from memsurgery.surgery.plan import UnitPlan
+
+    assert UnitPlan.from_dict(meta["plan"]) == plan
+
+
+def test_pruned_model_needs_its_history(pruned_resnet9, tmp_path):
+    model, _, _ = pruned_resnet9
+    with pytest.raises(ValueError, match=r"does not match arch 'resnet9'.*shape mismatches.*pruning history if it was pruned"):
+        save_model(model, tmp_path / "p.safetensors", arch="resnet9", input_shape=SHAPE)
+    wrong = [["blocks.0.mlp.fc1", True, [0, 1]]]
+    with pytest.raises(ValueError, match=r"cannot replay the pruning history.*'blocks.0.mlp.fc1'"):
+        save_model(model, tmp_path / "p.safetensors", arch="resnet9", input_shape=SHAPE, history=wrong)
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_architecture_history_on_load(pruned_resnet9, tmp_path):
+    model, _, report = pruned_resnet9
+    path = save_model(model, tmp_path / "p.safetensors", arch="resnet9", input_shape=SHAPE,
+                      history=report.extra["history"])
+    bad = [["layer2.1.conv1", True, [0]], *report.extra["history"]]
+    _rewrite_meta(path, history=json.dumps(bad))
+    with pytest.raises(ValueError, match=r"cannot replay the pruning history.*'layer2.1.conv1'"):
+        load_model(path)
