@@ -100,6 +100,8 @@ def test_check_against_the_model(resnet9: torch.nn.Module) -> None:
         UnitPlan({"conv3": (0,)}, {"conv3": 32}).check(resnet9)
     with pytest.raises(ValueError, match="residual stream"):
         UnitPlan({"res2": (0,)}, {"res2": 64}).check(resnet9)
+    with pytest.raises(ValueError, match="protected layer 'head'"):
+        UnitPlan({"head": (0,)}, {"head": 10}).check(build_encoder("resnet9", num_classes=10))
 
 
 def test_resolve_unit_layers_of_each_family(resnet9: torch.nn.Module) -> None:

@@ -156,6 +156,16 @@ def resolve_unit_layer(model: nn.Module, name: str, *, links: dict[str, str] | N
 
 
 # ---------------------------------------------------------------- plans
+HEAD_NAMES = ("head", "fc", "classifier")
+
+
+def default_protected(model: nn.Module) -> tuple[str, ...]:
+    """Layers no plan may touch by default: the classifier head (a Linear named head / fc /
+    classifier on the unwrapped model)."""
+    model = unwrap_model(model)
+    return tuple(n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Linear))
+
+
 def _check_names(model: nn.Module, names: Sequence[str], protected: Sequence[str], what: str) -> None:
     modules = [n for n, _ in model.named_modules() if n]
     for name in names:
@@ -197,9 +207,10 @@ class UnitPlan:
         return sum(len(v) for v in self.units.values())
 
     def check(self, model: nn.Module) -> None:
-        """Raise ValueError if the plan does not fit ``model``."""
+        """Raise ValueError if the plan does not fit ``model`` (the classifier head is always
+        protected, see :func:`default_protected`)."""
         model = unwrap_model(model)
-        _check_names(model, list(self.units), self.protected, "the unit plan")
+        _check_names(model, list(self.units), self.protected + default_protected(model), "the unit plan")
         links = _fx_links(model) if any(
             not isinstance(model.get_submodule(n), nn.Linear) for n in self.units) else None
         for layer, n in self.sizes.items():
@@ -346,7 +357,8 @@ class LayerPlan:
     protected: tuple[str, ...] = ()
 
     def check(self, model: nn.Module) -> None:
-        """Raise ValueError if a layer is unknown or protected."""
+        """Raise ValueError if a layer is unknown or protected (``self.protected`` only: swapping
+        or fine-tuning the head is a legitimate layer plan)."""
         _check_names(unwrap_model(model), self.layers, self.protected, "the layer plan")
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,13 +24,19 @@ import torch
 from torch import nn
 
 from ..capture import _close, unwrap_model
-from .plan import Report, UnitLayer, UnitPlan, UnitScoreMap, _fx_links, resolve_unit_layer
+from .plan import (
+    Report,
+    UnitLayer,
+    UnitPlan,
+    UnitScoreMap,
+    _check_names,
+    _fx_links,
+    default_protected,
+    resolve_unit_layer,
+)
 
 if TYPE_CHECKING:
     import torch_pruning as tp
-
-_HEAD_NAMES = ("head", "fc", "classifier")
-
 
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -38,11 +44,6 @@ def _n_params(model: nn.Module) -> int:
 
 def _int_attr(module: nn.Module, attr: str) -> int:
     return int(getattr(module, attr))
-
-
-def _default_protected(model: nn.Module) -> tuple[str, ...]:
-    """The classifier head, if the model has one (a Linear named head / fc / classifier)."""
-    return tuple(n for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Linear))
 
 
 def _resolve_all(model: nn.Module, layers: Sequence[str], *, heads: bool = True) -> dict[str, UnitLayer]:
@@ -73,10 +74,8 @@ def _head_rows(attn: nn.Module, heads: Sequence[int]) -> list[int]:
 
 
 def _check_plan(model: nn.Module, plan: UnitPlan, heads: bool) -> dict[str, UnitLayer]:
-    protected = tuple(plan.protected) + _default_protected(model)
+    protected = tuple(plan.protected) + default_protected(model)
     UnitPlan(plan.units, plan.sizes, protected=protected)  # validates indices and emptied layers
-    from .plan import _check_names
-
     _check_names(model, list(plan.units), protected, "the unit plan")
     resolved = _resolve_all(model, list(plan.units), heads=heads)
     for name, ul in resolved.items():
@@ -267,7 +266,7 @@ def prune_structural_(
         raise ValueError(f"coupled must be 'strict' or 'union', got {coupled!r}")
     model = unwrap_model(model)
     resolved = _check_plan(model, plan, heads=heads)
-    protected = tuple(plan.protected) + _default_protected(model)
+    protected = tuple(plan.protected) + default_protected(model)
     shapes_before = _shapes(model)
     with _quiet_eval(model):
         macs_before, params_before = _counts(model, example_inputs)
