@@ -297,3 +297,18 @@ def test_wrong_architecture_history_on_load(pruned_resnet9, tmp_path):
     _rewrite_meta(path, history=json.dumps(bad))
     with pytest.raises(ValueError, match=r"cannot replay the pruning history.*'layer2.1.conv1'"):
         load_model(path)
+
+
+def test_head_pruned_vit_round_trip(tiny_vit, tmp_path):
+    from memsurgery.surgery.plan import plan_units
+    from memsurgery.surgery.prune import prune_structural_
+
+    model = tiny_vit.eval()  # 2 heads per block
+    plan = plan_units({"blocks.1.attn": torch.tensor([0.0, 1.0])}, "low", count=1)
+    report = prune_structural_(model, plan, torch.zeros(SHAPE), heads=True)
+    path = save_model(model, tmp_path / "v.safetensors", arch=VIT, input_shape=SHAPE, plan=plan,
+                      history=report.extra["history"])
+    loaded, _ = load_model(path)
+    assert loaded.blocks[1].attn.num_heads == model.blocks[1].attn.num_heads == 1
+    x = _x()
+    assert torch.equal(model(x), loaded(x))
