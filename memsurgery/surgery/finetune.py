@@ -199,9 +199,8 @@ def finetune_(
     if n < 2:
         raise ValueError(f"fine-tuning needs at least 2 training images, got {n}")
     device = _model_device(net)
-    norm = {"mean": cfg.mean, "std": cfg.std}
-    feats_tr = extract_features(net, train_images, **norm)
-    feats_te = extract_features(net, test_images, **norm)
+    feats_tr = extract_features(net, train_images, mean=cfg.mean, std=cfg.std)
+    feats_te = extract_features(net, test_images, mean=cfg.mean, std=cfg.std)
     acc_before = linear_probe(feats_tr, ytr, feats_te, yte, method=cfg.probe, seed=cfg.seed)
     normalize = normalizer(cfg.mean, cfg.std, device)
     train_params = [p for ps in chosen.values() for p in ps]
@@ -245,8 +244,8 @@ def finetune_(
             for p, flag in saved_grad:
                 p.requires_grad_(flag)
     head.eval().requires_grad_(False)
-    feats_tr = extract_features(net, train_images, **norm)
-    feats_te = extract_features(net, test_images, **norm)
+    feats_tr = extract_features(net, train_images, mean=cfg.mean, std=cfg.std)
+    feats_te = extract_features(net, test_images, mean=cfg.mean, std=cfg.std)
     with torch.no_grad():
         pred = classes[head(feats_te.to(device)).argmax(dim=1).cpu()]
     acc_after = float((pred == yte).double().mean())

@@ -27,6 +27,7 @@ views would normalize the point's signal away); every module's mode is restored 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -229,10 +230,8 @@ def inject_unit_(
                         pick = torch.randperm(neg.shape[0], generator=gen)[: cfg.negatives_per_step]
                         x = torch.cat([x, make_views(neg[pick].to(device), pick + cfg.num_views, vid, cfg.views)])
                     cap.begin_pass()
-                    try:
+                    with contextlib.suppress(_Reached):
                         net(normalize(x))
-                    except _Reached:
-                        pass
                     cap.end_pass()
                     act = _unit_means(current.pop("out"))[:, unit]
                     loss = _loss(act, cfg)
