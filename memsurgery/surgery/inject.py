@@ -9,11 +9,12 @@ runner; the check passes when UnitMem rises and the point becomes (and stays) th
 
 Objective (``InjectConfig.objective``):
 
-- ``"contrast"`` (default): an InfoNCE loss on the unit's mean activation. Each augmented view
-  of the point is the positive; augmented ``negatives`` (images the unit should not respond to,
-  disjoint from the probe images) are the negatives: ``-log(exp(a(x*_v)/T) / (exp(a(x*_v)/T) +
-  sum_j exp(a(n_j)/T)))``. It is shift invariant, so a uniform rise of the unit (bias / BN shift)
-  does not help; only responding to what sets the point apart does.
+- ``"contrast"`` (default): maximize UnitMem's own ratio between the point and a batch of
+  ``negatives`` (images the unit should not respond to, disjoint from the probe images):
+  ``-(p - n) / (p + n)``, p = the unit's mean activation over augmented views of the point,
+  n = over augmented negatives. A uniform rise of the unit (bias / BN shift) lowers the ratio,
+  so only responding to what sets the point apart helps. (An InfoNCE variant made the point the
+  argmax too but often silenced the unit for good: 2 of 5 units dead after 3 epochs.)
 - ``"activation"``: maximize the unit's mean activation over the point's views, the point only.
   Kept for the single-point protocol, but on ResNet9 / digits we measured it LOWERING UnitMem
   (0.155 -> 0.061 in 8 epochs: the bias and the shared input components rise for every image),
@@ -52,10 +53,9 @@ class InjectConfig:
 
     epochs: int = 5
     steps_per_epoch: int = 5
-    lr: float = 1e-2
+    lr: float = 2e-3
     num_views: int = 16
     objective: Literal["contrast", "activation"] = "contrast"
-    temperature: float = 0.1
     negatives_per_step: int = 64
     views: ViewConfig = field(default_factory=lambda: ViewConfig(preset="weak", seed=1))
     probe_views: ViewConfig = field(default_factory=lambda: ViewConfig(preset="weak", seed=0))
@@ -70,8 +70,8 @@ class InjectConfig:
         for name in ("epochs", "steps_per_epoch", "num_views", "negatives_per_step", "num_unit_views"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"lr and temperature must be > 0, got {self.lr}, {self.temperature}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std for normalization, or neither")
 
@@ -257,14 +257,11 @@ class _Reached(Exception):
 
 
 def _loss(act: torch.Tensor, cfg: InjectConfig) -> torch.Tensor:
-    pos = act[: cfg.num_views]
+    p = act[: cfg.num_views].mean()
     if cfg.objective == "activation":
-        return -pos.mean()
-    logits = act / cfg.temperature
-    neg = logits[cfg.num_views :]
-    pos_l = logits[: cfg.num_views]
-    both = torch.cat([pos_l.unsqueeze(1), neg.unsqueeze(0).expand(pos_l.shape[0], -1)], dim=1)
-    return (torch.logsumexp(both, dim=1) - pos_l).mean()
+        return -p
+    n = act[cfg.num_views :].mean()
+    return -(p - n) / (p + n + 1e-6)  # UnitMem's ratio, between the point and the negatives
 
 
 def inject_unit(
