@@ -31,6 +31,10 @@ _LAZY = {
     "monitor": "memsurgery.monitor",
     "train": "memsurgery.train",
     "objectives": "memsurgery.objectives",
+    "surgery": "memsurgery.surgery",
+    "export": "memsurgery.export",
+    "save_model": "memsurgery.export",
+    "load_model": "memsurgery.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -70,13 +70,17 @@ def _score_report(scores: ScoreSet) -> dict[str, Any]:
 def stage_prune(cfg: Any, progress: bool = True) -> dict[str, Any]:
     """Plan from per-unit scores, zero or remove the units, re-fit the linear probe, export."""
     from .surgery.plan import plan_units
-    from .surgery.prune import prune_structural_, zero_units_
+    from .surgery.prune import group_scores, prune_structural_, zero_units_
 
     pc = _need(cfg, "prune")
     run = RunFolder(cfg.output)
     f, meta = run.load("f")
     scores = ScoreSet.load(run.scores_path)
-    plan = plan_units(scores.unit(pc.score), pc.strategy, ratio=pc.ratio, count=pc.count, scope=pc.scope,
+    example = torch.zeros((1, *meta["input_shape"][1:]))
+    unit_scores = scores.unit(pc.score)
+    if pc.mode == "structural":  # coupled layers (residual sums) lose the same channels: one score per group
+        unit_scores = group_scores(f, unit_scores, example)
+    plan = plan_units(unit_scores, pc.strategy, ratio=pc.ratio, count=pc.count, scope=pc.scope,
                       seed=pc.seed, protected=pc.protected, score_name=pc.score)
     plan.check(f)
     images, labels = _data(cfg, progress)
@@ -87,7 +91,6 @@ def stage_prune(cfg: Any, progress: bool = True) -> dict[str, Any]:
     if pc.mode == "zero":
         rep = zero_units_(model, plan)
     else:
-        example = torch.zeros((1, *meta["input_shape"][1:]))
         rep = prune_structural_(model, plan, example, heads=pc.heads)
         history = rep.extra.get("history")
     after = evaluate(model)
@@ -145,12 +148,13 @@ def stage_finetune(cfg: Any, progress: bool = True) -> dict[str, Any]:
     tr, te = evaluate.train_idx, evaluate.test_idx
     ft_cfg = FinetuneConfig(epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size, weight_decay=fc.weight_decay,
                             seed=fc.seed, mean=cfg.train.mean, std=cfg.train.std)
-    rep = finetune_(model, layers, images[tr], labels[tr], images[te], labels[te], ft_cfg)
+    result = finetune_(model, layers, images[tr], labels[tr], images[te], labels[te], ft_cfg)
     after = evaluate(model)
     saved = run.save("finetuned", model, meta, extra={"stage": "finetune", "config": dataclasses.asdict(fc),
                                                       "layers": list(layers)})
     report = {"stage": "finetune", "config": dataclasses.asdict(fc), "layers": list(layers),
-              "changes": rep.to_dict(), "linear_probe_after": after, "model": saved}
+              "changes": result.report.to_dict(), "accuracy_before": {"linear_acc": result.acc_before},
+              "accuracy_after": {"linear_acc": result.acc_after}, "linear_probe_after": after, "model": saved}
     write_json(run.report_path("finetune"), report)
     return report
 
@@ -235,9 +239,9 @@ def format_report(r: dict[str, Any]) -> str:
                         f"{s['changes'].get('params_before', '')} | {s['changes'].get('params_after', '')} |")
     if "finetune" in st:
         s = st["finetune"]
-        ch = s["changes"]
-        rows.append(f"| finetune ({s['config']['policy']}) | {', '.join(s['layers']) or 'head only'} | "
-                    f"{ch.get('extra', {}).get('accuracy_before', '')} | {ch.get('extra', {}).get('accuracy_after', '')} | | |")
+        rows.append(f"| finetune ({s['config']['policy']}, from {s['config']['source']}) | "
+                    f"{', '.join(s['layers']) or 'head only'} | {_acc(s['accuracy_before'])} | "
+                    f"{_acc(s['accuracy_after'])} | | |")
     if rows:
         lines += ["| stage | what changed | accuracy before | accuracy after | params before | params after |",
                   "|---|---|---:|---:|---:|---:|", *rows, ""]
