@@ -11,6 +11,7 @@ and hyper-parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 100
     lr: float = 3e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = 1e-6
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     views: ViewConfig = field(default_factory=lambda: ViewConfig(preset="normal", seed=1))
@@ -42,6 +44,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, batch_size >= 2 and lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1 (epochs) or None")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
 class _Progress:
@@ -65,6 +69,15 @@ def _optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of 0-based optimizer ``step`` of ``total_steps``: ``cfg.lr`` throughout
+    (``"constant"``) or ``cfg.lr * (1 + cos(pi * step / total_steps)) / 2`` (``"cosine"``, no warm-up).
+    A pure function of the step, so a resumed run continues the schedule exactly."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    return cfg.lr
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -190,6 +203,9 @@ def _train(
                     loss = objective(views, step=step)
                 opt.zero_grad(set_to_none=True)
                 acc.backward(loss)
+                if config.lr_schedule != "constant":
+                    for group in opt.param_groups:
+                        group["lr"] = learning_rate(config, step, total)
                 opt.step()
                 inner.on_step_end(step, total)
                 sums[r] += float(loss.detach())

@@ -85,3 +85,28 @@ def test_lockstep_twins_equal_separate_runs(data):
     for a, b in ((f, f2), (g, g2)):
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(va, vb), k
+
+
+def test_cosine_schedule_is_a_pure_function_of_the_step_and_resumes_exactly(data, tmp_path):
+    from dataclasses import replace
+
+    from memsurgery.train import learning_rate
+
+    cfg = replace(CFG, lr_schedule="cosine")
+    assert learning_rate(cfg, 0, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 5, 10) == pytest.approx(0.5e-3)
+    assert learning_rate(cfg, 9, 10) == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(0.9 * torch.pi)).item()))
+    assert learning_rate(CFG, 9, 10) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        replace(CFG, lr_schedule="step")
+    images, split = data
+    full, cut = _encoder(), _encoder()
+    lf = train_ssl(full, images, split.train_f, cfg, checkpoint_dir=tmp_path / "full", progress=False)
+    train_ssl(cut, images, split.train_f, cfg, checkpoint_dir=tmp_path / "cut", progress=False, stop_after=1)
+    res = _encoder()
+    assert train_ssl(res, images, split.train_f, cfg, checkpoint_dir=tmp_path / "cut", resume=True, progress=False) == lf
+    for (k, va), vb in zip(full.state_dict().items(), res.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    const = _encoder()
+    train_ssl(const, images, split.train_f, CFG, progress=False)
+    assert not torch.equal(const.conv8.conv.weight, full.conv8.conv.weight)  # the schedule changes training
