@@ -80,13 +80,35 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML recipe. A top-level ``extends: other.yaml`` (relative to this file) starts from
+    that recipe and overrides it key by key (mappings merge recursively, anything else replaces)."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"recipe {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a recipe is a YAML mapping at the top level")
-    return data
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: 'extends' must be the path of another recipe, got {base!r}")
+    parent = (p.parent / base).resolve()
+    if parent in _seen or parent == p.resolve():
+        raise ConfigError(f"{p}: 'extends' makes a cycle through {parent}")
+    if not parent.is_file():
+        raise ConfigError(f"{p}: 'extends' names {base!r}, but {parent} does not exist")
+    return _merge(load_yaml(parent, (*_seen, p.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out

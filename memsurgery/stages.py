@@ -150,13 +150,31 @@ def stage_finetune(cfg: Any, progress: bool = True) -> dict[str, Any]:
                             seed=fc.seed, mean=cfg.train.mean, std=cfg.train.std)
     result = finetune_(model, layers, images[tr], labels[tr], images[te], labels[te], ft_cfg)
     after = evaluate(model)
-    saved = run.save("finetuned", model, meta, extra={"stage": "finetune", "config": dataclasses.asdict(fc),
-                                                      "layers": list(layers)})
+    # a structurally pruned source keeps its pruning history: the loader rebuilds its shapes from it
+    saved = run.save("finetuned", model, meta, history=meta.get("history"), plan=meta.get("plan"),
+                     extra={"stage": "finetune", "config": dataclasses.asdict(fc), "layers": list(layers),
+                            "source": fc.source, "head": "finetuned_head.safetensors"})
+    save_head(result.head, run.root / "finetuned_head.safetensors")
     report = {"stage": "finetune", "config": dataclasses.asdict(fc), "layers": list(layers),
               "changes": result.report.to_dict(), "accuracy_before": {"linear_acc": result.acc_before},
               "accuracy_after": {"linear_acc": result.acc_after}, "linear_probe_after": after, "model": saved}
     write_json(run.report_path("finetune"), report)
     return report
+
+
+def save_head(head: torch.nn.Linear, path: Path) -> None:
+    """The fine-tuned linear head (features -> logits), written atomically next to its encoder."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(tmp),
+                  metadata={"in_features": str(head.in_features), "out_features": str(head.out_features)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @timed
