@@ -47,3 +47,7 @@ def test_two_processes_equal_one(tmp_path):
         for k in a[table]:
             torch.testing.assert_close(b[table][k][0], a[table][k][0], rtol=0, atol=1e-5)
             assert torch.equal(b[table][k][1], a[table][k][1]), f"{table} argmax differs at {k}"
+    # surgery: the same plans (zeroing, structural) and bit-identical pruned weights on every rank,
+    # equal to the single process's
+    assert len(a["surgery"]) == 1 and len(b["surgery"]) == 2
+    assert b["surgery"][0] == b["surgery"][1] == a["surgery"][0]

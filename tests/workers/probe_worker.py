@@ -1,14 +1,39 @@
 """Run by tests/test_distributed.py, once alone and once under `accelerate launch` (2 CPU
-processes, gloo): probe the same twins on the same points and save rank 0's result."""
+processes, gloo): probe the same twins on the same points, plan and prune from the scores on
+every rank, and save rank 0's result with every rank's plans and pruned-weight digests."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import sys
 
 import torch
 
 from memsurgery.models import build_encoder
 from memsurgery.probe import ProbeConfig, run_probe
+
+
+def _digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _surgery(f: torch.nn.Module, scores: dict[str, torch.Tensor]) -> tuple[str, str, str, str]:
+    """Plan from the (already reduced) scores and apply it on this rank: every rank must agree."""
+    from memsurgery.surgery.plan import plan_units
+    from memsurgery.surgery.prune import group_scores, prune_structural_, zero_units_
+
+    x = torch.zeros(1, 3, 16, 16)
+    plan = plan_units(scores, "low", ratio=0.25)
+    zeroed = copy.deepcopy(f)
+    zero_units_(zeroed, plan)
+    pruned = copy.deepcopy(f)
+    grouped = plan_units(group_scores(pruned, scores, x), "low", ratio=0.25)
+    prune_structural_(pruned, grouped, x)
+    return plan.to_json(), grouped.to_json(), _digest(zeroed), _digest(pruned)
 
 
 def main(out: str) -> None:
@@ -23,12 +48,18 @@ def main(out: str) -> None:
     labels = torch.arange(23) % 4
     cfg = ProbeConfig(num_pairs=2, num_unit_views=3, batch_size=4, progress=False)
     res = run_probe(f, images, range(1, 22), reference=g, labels=labels, config=cfg)
+    surgery = _surgery(f, {k: v.scores for k, v in res.unitmem.items()})
+    every_rank = [surgery]
+    if acc.num_processes > 1:
+        every_rank = [None] * acc.num_processes
+        torch.distributed.all_gather_object(every_rank, surgery)
     if acc.is_main_process:
         torch.save({
             "world": acc.num_processes,
             "indices": res.indices, "sslmem": res.sslmem, "layermem": res.layermem,
             "unitmem": {k: (v.scores, v.argmax) for k, v in res.unitmem.items()},
             "classmem": {k: (v.scores, v.argmax) for k, v in res.classmem.items()},
+            "surgery": every_rank,
         }, out)
     acc.wait_for_everyone()
 
