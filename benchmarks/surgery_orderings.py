@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_recipe(args.recipe)
     images, labels = _load_data(cfg.data, progress=False)
-    evaluate = Evaluator(images, labels, EvalConfig(), cfg.train.mean, cfg.train.std)
+    evaluate = Evaluator(images, labels, EvalConfig(knn_k=20), cfg.train.mean, cfg.train.std)
     ratios = [float(r) for r in args.ratios.split(",")]
     modes = ["zero"] + (["structural"] if args.structural else [])
     res: dict[tuple[Any, ...], list[float]] = {}
 
-    def add(key: tuple[Any, ...], acc: float) -> None:
-        res.setdefault(key, []).append(acc)
+    def add(key: tuple[Any, ...], acc: dict[str, float] | float) -> None:
+        accs = acc if isinstance(acc, dict) else {"linear_acc": acc}
+        for metric, v in accs.items():
+            res.setdefault((metric, *key), []).append(v)
 
     t0 = time.perf_counter()
     for r, folder in enumerate(args.runs):
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         f, meta = run.load("f")
         scores = ScoreSet.load(run.scores_path)
         example = torch.zeros((1, *meta["input_shape"][1:]))
-        add(("dense",), evaluate(f)["linear_acc"])
+        add(("dense",), evaluate(f))
         for mode in modes:
             for ratio in ratios:
                 unit_scores = scores.unit("unitmem")
@@ -86,14 +88,14 @@ def main(argv: list[str] | None = None) -> int:
                         zero_units_(model, plan)
                     else:
                         prune_structural_(model, plan, example)
-                    add((mode, ratio, strategy), evaluate(model)["linear_acc"])
+                    add((mode, ratio, strategy), evaluate(model))
         if args.swap:
             g, _ = run.load("g")
             for strategy in ("top", "random", "low"):
                 plan = plan_layers(with_weights(f, scores.layer("delta_layermem")), strategy, k=args.k, seed=r)
                 model = copy.deepcopy(f)
                 swap_layers_(model, g, plan)
-                add(("swap", strategy), evaluate(model)["linear_acc"])
+                add(("swap", strategy), evaluate(model))
         if args.finetune:
             tr, te = evaluate.train_idx, evaluate.test_idx
             for policy in ("ranked", "last", "head_only"):
@@ -105,19 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {folder} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
     n = len(args.runs)
-    print(f"Linear-probe test accuracy (%) of f, mean ± std over {n} runs; dense: {_mean_std(res[('dense',)])}\n")
-    for mode in modes:
-        print(f"| {mode} pruning, per layer | low UnitMem | random | top UnitMem |\n|---|---:|---:|---:|")
-        for ratio in ratios:
-            cells = [_mean_std(res[(mode, ratio, s)]) for s in ("low", "random", "top")]
-            print(f"| {ratio:.0%} of units | " + " | ".join(cells) + " |")
-        print()
-    if args.swap:
-        print(f"| swap {args.k} layers with g | highest ΔLayerMem | random | lowest ΔLayerMem |\n|---|---:|---:|---:|")
-        print("| accuracy | " + " | ".join(_mean_std(res[("swap", s)]) for s in ("top", "random", "low")) + " |\n")
-    if args.finetune:
-        print(f"| fine-tune | top-{args.k} ΔLayerMem + head | last {args.k} + head | head only |\n|---|---:|---:|---:|")
-        print("| accuracy | " + " | ".join(_mean_std(res[("finetune", s)]) for s in ("ranked", "last", "head_only")) + " |\n")
+    for metric, title in (("linear_acc", "Linear-probe"), ("knn_acc", "20-NN (cosine)")):
+        if metric == "knn_acc":
+            print("(fine-tuning is scored by its own head's test accuracy, in the linear-probe tables)\n")
+        print(f"{title} test accuracy (%) of f, mean ± std over {n} runs; dense: {_mean_std(res[(metric, 'dense')])}\n")
+        for mode in modes:
+            print(f"| {mode} pruning, per layer | low UnitMem | random | top UnitMem |\n|---|---:|---:|---:|")
+            for ratio in ratios:
+                cells = [_mean_std(res[(metric, mode, ratio, s)]) for s in ("low", "random", "top")]
+                print(f"| {ratio:.0%} of units | " + " | ".join(cells) + " |")
+            print()
+        if args.swap:
+            print(f"| swap {args.k} layers with g | highest ΔLayerMem | random | lowest ΔLayerMem |\n|---|---:|---:|---:|")
+            print("| accuracy | " + " | ".join(_mean_std(res[(metric, "swap", s)]) for s in ("top", "random", "low")) + " |\n")
+        if args.finetune and metric == "linear_acc":
+            print(f"| fine-tune | top-{args.k} ΔLayerMem + head | last {args.k} + head | head only |\n|---|---:|---:|---:|")
+            cells = [_mean_std(res[(metric, "finetune", s)]) for s in ("ranked", "last", "head_only")]
+            print("| accuracy | " + " | ".join(cells) + " |\n")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
