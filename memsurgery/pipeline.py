@@ -76,6 +76,8 @@ class SwapConfig:
     weights_only: bool = False
     seed: int = 0
     protected: tuple[str, ...] = ()
+    rescore: bool = False  # recompute LayerMem after the swap: f' (f with the donor's layers) vs g,
+    # and f vs g' (g with f's layers): if the swapped layers hold the memorization, both drop
 
 
 @dataclass(frozen=True)

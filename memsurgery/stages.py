@@ -127,8 +127,29 @@ def stage_swap(cfg: Any, progress: bool = True) -> dict[str, Any]:
                      scores={sc.score: scores.layer(sc.score)}, extra={"stage": "swap", "config": dataclasses.asdict(sc)})
     report = {"stage": "swap", "config": dataclasses.asdict(sc), "plan": plan.to_dict(), "changes": rep.to_dict(),
               "accuracy_before": before, "accuracy_after": after, "model": saved}
+    if sc.rescore:
+        report["layermem"] = _rescore(cfg, run, f, model, plan, images, progress)
     write_json(run.report_path("swap"), report)
     return report
+
+
+def _rescore(cfg: Any, run: RunFolder, f: torch.nn.Module, swapped: torch.nn.Module, plan: Any,
+             images: torch.Tensor, progress: bool) -> dict[str, dict[str, float]]:
+    """LayerMem of the candidates before the swap, for f' = f with the donor's layers against g,
+    and for f against g' = g with f's layers (METRICS.md §7: the swap moves the memorization)."""
+    from .data import TwinSplit
+    from .probe import run_probe
+    from .surgery.swap import swap_layers_
+
+    g, _ = run.load("g")
+    g_swapped = copy.deepcopy(g)
+    swap_layers_(g_swapped, f, plan)
+    split = TwinSplit.load_json(run.split_path)
+    probe_cfg = dataclasses.replace(cfg.probe, unit_layers=None, progress=progress)
+    out = {}
+    for key, (a, b) in {"before": (f, g), "f_swapped_vs_g": (swapped, g), "f_vs_g_swapped": (f, g_swapped)}.items():
+        out[key] = run_probe(a, images, split.candidates, reference=b, config=probe_cfg).layermem
+    return out
 
 
 @timed

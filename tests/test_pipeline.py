@@ -32,7 +32,7 @@ TINY = {
         "stages": ["prune", "swap", "finetune", "report"],
         "evaluate": {"test_fraction": 0.3, "seed": 0},
         "prune": {"mode": "zero", "strategy": "low", "ratio": 0.25},
-        "swap": {"k": 2},
+        "swap": {"k": 2, "rescore": True},
         "finetune": {"source": "pruned", "policy": "ranked", "k": 2, "epochs": 1},
     },
     "threads": 1,
@@ -85,6 +85,13 @@ def test_swap_stage_takes_layers_from_g(tiny_run):
     # the residual sums have no weights to swap: the top 2 of the conv stages by ΔLayerMem
     ranked = sorted((k for k in scores if k.startswith("conv")), key=lambda k: -scores[k])
     assert set(layers) == set(ranked[:2])
+    lm = swap["layermem"]
+    assert set(lm) == {"before", "f_swapped_vs_g", "f_vs_g_swapped"}
+    assert lm["before"].keys() == lm["f_swapped_vs_g"].keys() == lm["f_vs_g_swapped"].keys()
+    # the layers before the first swapped one are untouched, so their LayerMem cannot change
+    first = min(int(name[4:]) for name in layers)
+    for i in range(1, first):
+        assert lm["f_swapped_vs_g"][f"conv{i}"] == pytest.approx(lm["before"][f"conv{i}"], abs=1e-6)
     swapped, _ = load_model(out / "swapped.safetensors")
     g, _ = load_model(out / "g.safetensors")
     for layer in layers:
