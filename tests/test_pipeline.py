@@ -24,7 +24,7 @@ TINY = {
     "split": {"shared": 120, "candidates": 30, "independent": 30, "extra": 30, "seed": 0},
     "model": {"name": "resnet9"},
     "train": {"method": "simclr", "epochs": 2, "batch_size": 50, "lr": 0.003, "seed": 0,
-              "views": {"preset": "weak", "seed": 1}},
+              "views": {"preset": "weak", "seed": 1}, "checkpoint_every": 2},
     "monitor": {"every_n_epochs": 2, "max_points": 30},
     "probe": {"layers": "resnet9", "unit_layers": "resnet9-units", "num_pairs": 1, "num_unit_views": 2,
               "views": {"preset": "weak", "seed": 3}, "batch_size": 64},
@@ -115,6 +115,19 @@ def test_cli_stage_reruns_and_report(tiny_run, capsys):
     assert ScoreSet.load(out / "scores.json").unit("unitmem")["conv8"].numel() == 256
     assert cli_main(["report", str(path), "--no-progress"]) == 0
     assert "bit-identical" in capsys.readouterr().out
+
+
+def test_export_stage_rebuilds_f_and_g_from_the_checkpoint(tiny_run):
+    out, path, _ = tiny_run
+    before = {name: load_file(out / f"{name}.safetensors") for name in ("f", "g")}
+    assert cli_main(["export", str(path), "--no-progress"]) == 0  # newest checkpoint: the end of training
+    report = json.loads((out / "reports" / "export.json").read_text())
+    assert report["checkpoint"].endswith("epoch_2")
+    for name, tensors in before.items():
+        again = load_file(out / f"{name}.safetensors")
+        assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert not torch.equal(before["f"]["conv8.conv.weight"], before["g"]["conv8.conv.weight"])
+    assert cli_main(["export", str(path), "--checkpoint", str(out / "nope"), "--no-progress"]) == 2
 
 
 def test_stage_without_inputs_says_what_to_run_first(tmp_path, capsys):
