@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quickstart_recipe_loads():
     cfg = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert cfg.model.name == "resnet9"
-    assert cfg.probe.layers == "resnet9" and cfg.probe.views.preset == "normal"
+    assert cfg.probe.layers == "resnet9" and cfg.probe.views.preset == "weak"
+    # METRICS.md §2: the probe's views come from f's training augmentation (fresh seed)
+    assert cfg.probe.views.preset == cfg.train.views.preset and cfg.probe.views.seed != cfg.train.views.seed
+    assert cfg.train.lr_schedule == "cosine"
 
 
 def test_unknown_key_is_named():
