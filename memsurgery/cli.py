@@ -19,7 +19,7 @@ EPILOG = """examples:
   memsurgery prune recipes/prune_digits.yaml      zero or remove low-UnitMem units -> pruned.safetensors
   memsurgery swap recipes/swap_digits.yaml        swap f's top-ΔLayerMem layers with g's
   memsurgery finetune recipes/finetune_digits.yaml   fine-tune the top-ΔLayerMem layers + a head
-  memsurgery export recipes/quickstart.yaml --checkpoint runs/quickstart/checkpoints/epoch_50
+  memsurgery export recipes/cifar10_simclr.yaml   f and g from its newest checkpoint (or --checkpoint DIR)
   memsurgery report recipes/quickstart.yaml       reload every exported model, write report.md
   memsurgery --version
 """
