@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml", help="recipe the runs were trained with (data)")
     ap.add_argument("--ratios", default="0.1,0.2")
     ap.add_argument("--structural", action="store_true", help="also structural pruning (Torch-Pruning)")
+    ap.add_argument("--skip-prune", action="store_true", help="no pruning tables (swap / fine-tune only)")
     ap.add_argument("--swap", action="store_true")
     ap.add_argument("--finetune", action="store_true")
     ap.add_argument("--finetune-epochs", type=int, default=10)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = _load_data(cfg.data, progress=False)
     evaluate = Evaluator(images, labels, EvalConfig(knn_k=20), cfg.train.mean, cfg.train.std)
     ratios = [float(r) for r in args.ratios.split(",")]
-    modes = ["zero"] + (["structural"] if args.structural else [])
+    modes = [] if args.skip_prune else ["zero"] + (["structural"] if args.structural else [])
     res: dict[tuple[Any, ...], list[float]] = {}
 
     def add(key: tuple[Any, ...], acc: dict[str, float] | float) -> None:

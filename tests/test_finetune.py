@@ -110,3 +110,20 @@ def test_finetune_errors(digits):
         finetune_(model, ["conv10"], *digits, CFG)
     with pytest.raises(ValueError, match="batch_size >= 2"):
         FinetuneConfig(batch_size=1)
+
+
+@pytest.mark.parametrize("n_classes", [10, 2])
+def test_probe_initialized_head_starts_at_the_linear_probe(digits, n_classes):
+    """head_init="probe": the head is the standardized logistic-regression probe folded onto raw
+    features, so with a vanishing learning rate its predictions are the probe's (same accuracy)."""
+    xtr, ytr, xte, yte = digits
+    keep_tr, keep_te = ytr < n_classes, yte < n_classes
+    if n_classes == 2:
+        keep_tr, keep_te = ytr % 2 == 0, yte % 2 == 0
+        ytr, yte = (ytr // 2) % 2, (yte // 2) % 2
+    data = (xtr[keep_tr], ytr[keep_tr], xte[keep_te], yte[keep_te])
+    still = FinetuneConfig(epochs=1, batch_size=32, lr=1e-12, views=None)
+    res = finetune_(_encoder(), (), *data, still)
+    assert res.acc_after == pytest.approx(res.acc_before, abs=1e-12)
+    rand = finetune_(_encoder(), (), *data, FinetuneConfig(epochs=1, batch_size=32, lr=1e-12, views=None, head_init="random"))
+    assert rand.acc_after < res.acc_before  # an untrained random head is worse than the probe

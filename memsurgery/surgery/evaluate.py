@@ -106,12 +106,17 @@ def _check_pair(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     return trx, tr_y, tex.to(trx.device), te_y.to(trx.device)
 
 
-def standardize(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets standardized with the TRAIN set's per-feature mean and std (a constant training
-    feature gets std 1, so it stays constant instead of dividing by zero)."""
+def moments(train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std [1, D] of the training features (a constant feature gets std 1,
+    so it stays constant instead of dividing by zero)."""
     mu = train_x.mean(dim=0, keepdim=True)
     sd = train_x.std(dim=0, unbiased=False, keepdim=True)
-    sd = torch.where(sd > 1e-12 * (1 + mu.abs()), sd, torch.ones_like(sd))
+    return mu, torch.where(sd > 1e-12 * (1 + mu.abs()), sd, torch.ones_like(sd))
+
+
+def standardize(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets standardized with the TRAIN set's per-feature mean and std (:func:`moments`)."""
+    mu, sd = moments(train_x)
     return (train_x - mu) / sd, (test_x - mu) / sd
 
 

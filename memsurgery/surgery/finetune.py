@@ -19,7 +19,7 @@ from torch import nn
 
 from ..capture import _family, select_points, unwrap_model
 from ..views import ViewConfig, make_views, normalizer
-from .evaluate import _model_device, extract_features, linear_probe
+from .evaluate import _model_device, extract_features, linear_probe, moments
 from .plan import Report, plan_layers
 
 Policy = Literal["ranked", "last", "head_only"]
@@ -85,7 +85,10 @@ def select_layers(
 class FinetuneConfig:
     """Supervised fine-tuning settings. ``views``: augmentation of the training images (view id =
     epoch, so each epoch sees fresh, reproducible views) or None for the plain images. ``probe``:
-    the linear-probe method for the accuracy before (and after) fine-tuning."""
+    the linear-probe method for the accuracy before (and after) fine-tuning. ``head_init``:
+    "probe" starts the head from the logistic-regression probe of the frozen features (linear
+    probing then fine-tuning, so head-only training starts at the linear probe's accuracy),
+    "random" from PyTorch's default initialization."""
 
     epochs: int = 10
     lr: float = 1e-3
@@ -97,6 +100,7 @@ class FinetuneConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     probe: Literal["logreg", "torch"] = "logreg"
+    head_init: Literal["probe", "random"] = "probe"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.weight_decay < 0:
@@ -167,6 +171,23 @@ def _labels(train_labels: torch.Tensor, test_labels: torch.Tensor, n_train: int,
     return ytr, yte, classes, target
 
 
+@torch.no_grad()
+def _init_from_probe(head: nn.Linear, feats: torch.Tensor, target: torch.Tensor, seed: int) -> None:
+    """Set ``head`` to the logistic-regression probe fitted on standardized ``feats``, folded back
+    onto the raw features: W' = W / sd, b' = b - W' mu."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = feats.double().cpu()
+    mu, sd = moments(x)
+    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(((x - mu) / sd).numpy(), target.cpu().numpy())
+    w, b = torch.as_tensor(clf.coef_), torch.as_tensor(clf.intercept_)
+    if w.shape[0] == 1:  # binary: sklearn keeps one row; softmax over (-z/2, z/2) is sigmoid(z)
+        w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+    w, mu = w / sd, mu[0]
+    head.weight.copy_(w.to(head.weight))
+    head.bias.copy_((b - w @ mu).to(head.bias))
+
+
 def finetune_(
     model: nn.Module,
     layers: Sequence[str] | Any,
@@ -213,6 +234,8 @@ def finetune_(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         head = nn.Linear(feats_tr.shape[1], classes.numel()).to(device)
+        if cfg.head_init == "probe":
+            _init_from_probe(head, feats_tr, target, cfg.seed)
         opt = _optimizer(cfg, train_params + list(head.parameters()))
         try:
             for p in net.parameters():
