@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from memsurgery.surgery.prune import group_scores, prune_structural_, zero_units_
     from memsurgery.surgery.scores import ScoreSet
     from memsurgery.surgery.swap import swap_layers_
+    from memsurgery.views import ViewConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders written by `memsurgery run`")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--swap", action="store_true")
     ap.add_argument("--finetune", action="store_true")
     ap.add_argument("--finetune-epochs", type=int, default=10)
+    ap.add_argument("--finetune-views", choices=["none", "weak"], default="none",
+                    help="augmentation of the labelled images while fine-tuning")
     ap.add_argument("--k", type=int, default=3, help="layers to swap / fine-tune")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             for policy in ("ranked", "last", "head_only"):
                 model = copy.deepcopy(f)
                 layers = select_layers(model, policy, scores=with_weights(f, scores.layer("delta_layermem")), k=args.k)
-                ft = FinetuneConfig(epochs=args.finetune_epochs, seed=r, mean=cfg.train.mean, std=cfg.train.std)
+                views = None if args.finetune_views == "none" else ViewConfig(preset="weak", seed=1)
+                ft = FinetuneConfig(epochs=args.finetune_epochs, seed=r, mean=cfg.train.mean, std=cfg.train.std,
+                                    views=views)
                 result = finetune_(model, layers, images[tr], labels[tr], images[te], labels[te], ft)
                 add(("finetune", policy), result.acc_after)
         print(f"run {folder} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .views import ViewConfig
+
 STAGES = ("score", "prune", "swap", "finetune", "export", "report")
 
 
@@ -97,6 +99,8 @@ class FinetuneStageConfig:
     batch_size: int = 128
     weight_decay: float = 0.0
     seed: int = 0
+    views: ViewConfig | None = None  # augmentation of the labelled images (None: the plain images;
+    # the `weak` preset's flips hurt digit classification: measured in docs/surgery_results.md)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def stage_finetune(cfg: Any, progress: bool = True) -> dict[str, Any]:
     evaluate = _evaluator(cfg, images, labels)
     tr, te = evaluate.train_idx, evaluate.test_idx
     ft_cfg = FinetuneConfig(epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size, weight_decay=fc.weight_decay,
-                            seed=fc.seed, mean=cfg.train.mean, std=cfg.train.std)
+                            seed=fc.seed, mean=cfg.train.mean, std=cfg.train.std, views=fc.views)
     result = finetune_(model, layers, images[tr], labels[tr], images[te], labels[te], ft_cfg)
     after = evaluate(model)
     # a structurally pruned source keeps its pruning history: the loader rebuilds its shapes from it
