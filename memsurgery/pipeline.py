@@ -233,6 +233,9 @@ def timed(fn: Any) -> Any:
         t0 = time.perf_counter()
         out: dict[str, Any] = fn(*args, **kwargs)
         out["seconds"] = round(time.perf_counter() - t0, 2)
+        stage = out.get("stage")
+        if stage not in (None, "report"):  # the stage wrote its report before the clock stopped
+            write_json(RunFolder(args[0].output).report_path(stage), out)
         return out
 
     wrapper.__name__ = fn.__name__
