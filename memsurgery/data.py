@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from ._io import atomic_write
 from ._registry import Registry
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,6 @@ _PARTS = ("shared", "candidates", "independent", "extra")
 def cache_home() -> Path:
     """Root of memsurgery's caches: ``$MEMSURGERY_CACHE`` or ``~/.cache/memsurgery``."""
     return Path(os.environ.get("MEMSURGERY_CACHE") or "~/.cache/memsurgery").expanduser()
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- in-memory form
@@ -231,7 +217,7 @@ class TwinSplit:
     def save_json(self, path: str | os.PathLike[str]) -> None:
         """Write the split as JSON (one key per line, atomically); :meth:`load_json` reads it back."""
         body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_dict().items())
-        _atomic_write(Path(path), lambda fh: fh.write(("{\n" + body + "\n}\n").encode()))
+        atomic_write(Path(path), lambda fh: fh.write(("{\n" + body + "\n}\n").encode()))
 
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> TwinSplit:
@@ -443,11 +429,11 @@ def load_image_folder(root: str | os.PathLike[str], size: int | None = None,
     images = _decode_all(root_p, [r for r, _ in samples], size, progress, workers or min(8, os.cpu_count() or 1))
     labels = np.asarray([lab for _, lab in samples], dtype=np.int64)
     manifest.unlink(missing_ok=True)  # the old manifest must never describe new arrays
-    _atomic_write(cache / "images.npy", lambda fh: np.save(fh, images))
-    _atomic_write(cache / "labels.npy", lambda fh: np.save(fh, labels))
+    atomic_write(cache / "images.npy", lambda fh: np.save(fh, images))
+    atomic_write(cache / "labels.npy", lambda fh: np.save(fh, labels))
     meta = {"version": CACHE_VERSION, "root": str(root_p), "size": size, "count": len(samples),
             "classes": classes, "shape": list(images.shape), "fingerprint": fp}
-    _atomic_write(manifest, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(manifest, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes), label_name)
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import atomic_path
 from .capture import INPUT_SUFFIX, _close, unwrap_model
 
 PREFIX = "memsurgery."
@@ -288,18 +288,8 @@ def _atomic_write(tensors: dict[str, torch.Tensor], meta: dict[str, str], final:
 
     if final.is_dir():
         raise ValueError(f"{final} is a directory; give a file name such as {final / 'model.safetensors'}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(final) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return final
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .views import ViewConfig
 
 STAGES = ("score", "prune", "swap", "finetune", "export", "report")
@@ -140,14 +141,10 @@ def digest_inputs(shape: tuple[int, ...], n: int = 8, seed: int = 0) -> torch.Te
     return torch.rand((n, *shape[1:]), generator=torch.Generator().manual_seed(seed))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """JSON (tensors as lists, dataclasses as dicts), written atomically."""
+    text = json.dumps(obj, indent=indent, default=_json_default)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def _json_default(x: Any) -> Any:

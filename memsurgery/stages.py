@@ -185,17 +185,13 @@ def stage_finetune(cfg: Any, progress: bool = True) -> dict[str, Any]:
 
 def save_head(head: torch.nn.Linear, path: Path) -> None:
     """The fine-tuned linear head (features -> logits), written atomically next to its encoder."""
-    import os
-
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    from ._io import atomic_path
+
+    with atomic_path(path) as tmp:
         save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(tmp),
                   metadata={"in_features": str(head.in_features), "out_features": str(head.out_features)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @timed

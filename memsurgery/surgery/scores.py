@@ -85,15 +85,11 @@ class ScoreSet:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically (a temporary file in the same folder, then renamed)."""
+        """Write JSON atomically (:func:`memsurgery.pipeline.write_json`)."""
+        from ..pipeline import write_json
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(path, self.to_dict(), indent=1)
         return path
 
     @classmethod
