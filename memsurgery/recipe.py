@@ -170,7 +170,7 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> d
     write_json(run.report_path("train"), {"stage": "train", "models": models, "seconds": summary["seconds"]})
     stages = {}
     for stage in cfg.surgery.stages:
-        stages[stage] = STAGE_FUNCTIONS[stage](cfg, progress=progress)
+        stages[stage] = STAGE_FUNCTIONS[stage](cfg, progress=progress, data=(images, labels))
     summary["stages"] = stages
     return summary
 

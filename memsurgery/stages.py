@@ -17,11 +17,15 @@ import torch
 from .pipeline import Evaluator, RunFolder, output_digest, timed, write_json
 from .surgery.scores import ScoreSet
 
+Data = tuple[torch.Tensor, torch.Tensor]
 
-def _data(cfg: Any, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _data(cfg: Any, progress: bool, data: Data | None) -> Data:
+    """The recipe's (images, labels): ``data`` when the caller already loaded them (``run_recipe``
+    passes its own to every stage), else loaded once here."""
     from .recipe import _load_data
 
-    return _load_data(cfg.data, progress)
+    return data if data is not None else _load_data(cfg.data, progress)
 
 
 def _evaluator(cfg: Any, images: torch.Tensor, labels: torch.Tensor) -> Evaluator:
@@ -36,7 +40,7 @@ def _need(cfg: Any, name: str) -> Any:
 
 
 @timed
-def stage_score(cfg: Any, progress: bool = True) -> dict[str, Any]:
+def stage_score(cfg: Any, progress: bool = True, data: Data | None = None) -> dict[str, Any]:
     """Probe f (against g when it exists) on the candidates and write ``scores.json``."""
     from .data import TwinSplit
     from .probe import run_probe
@@ -44,7 +48,7 @@ def stage_score(cfg: Any, progress: bool = True) -> dict[str, Any]:
     run = RunFolder(cfg.output)
     f, _ = run.load("f")
     g = run.load("g")[0] if run.model_path("g").exists() else None
-    images, labels = _data(cfg, progress)
+    images, labels = _data(cfg, progress, data)
     split = TwinSplit.load_json(run.split_path)
     probe_cfg = dataclasses.replace(cfg.probe, progress=progress)
     result = run_probe(f, images, split.candidates, reference=g, labels=labels, config=probe_cfg)
@@ -67,7 +71,7 @@ def _score_report(scores: ScoreSet) -> dict[str, Any]:
 
 
 @timed
-def stage_prune(cfg: Any, progress: bool = True) -> dict[str, Any]:
+def stage_prune(cfg: Any, progress: bool = True, data: Data | None = None) -> dict[str, Any]:
     """Plan from per-unit scores, zero or remove the units, re-fit the linear probe, export."""
     from .surgery.plan import plan_units
     from .surgery.prune import group_scores, prune_structural_, zero_units_
@@ -83,7 +87,7 @@ def stage_prune(cfg: Any, progress: bool = True) -> dict[str, Any]:
     plan = plan_units(unit_scores, pc.strategy, ratio=pc.ratio, count=pc.count, scope=pc.scope,
                       seed=pc.seed, protected=pc.protected, score_name=pc.score)
     plan.check(f)
-    images, labels = _data(cfg, progress)
+    images, labels = _data(cfg, progress, data)
     evaluate = _evaluator(cfg, images, labels)
     before = evaluate(f)
     model = copy.deepcopy(f)
@@ -103,7 +107,7 @@ def stage_prune(cfg: Any, progress: bool = True) -> dict[str, Any]:
 
 
 @timed
-def stage_swap(cfg: Any, progress: bool = True) -> dict[str, Any]:
+def stage_swap(cfg: Any, progress: bool = True, data: Data | None = None) -> dict[str, Any]:
     """Replace f's top-ranked layers by the donor's, re-fit the linear probe, export."""
     from .export import load_model
     from .surgery.plan import plan_layers
@@ -117,7 +121,7 @@ def stage_swap(cfg: Any, progress: bool = True) -> dict[str, Any]:
     plan = plan_layers(with_weights(f, scores.layer(sc.score)), sc.strategy, k=sc.k, seed=sc.seed, protected=sc.protected,
                        score_name=sc.score)
     plan.check(f)
-    images, labels = _data(cfg, progress)
+    images, labels = _data(cfg, progress, data)
     evaluate = _evaluator(cfg, images, labels)
     before = evaluate(f)
     model = copy.deepcopy(f)
@@ -153,7 +157,7 @@ def _rescore(cfg: Any, run: RunFolder, f: torch.nn.Module, swapped: torch.nn.Mod
 
 
 @timed
-def stage_finetune(cfg: Any, progress: bool = True) -> dict[str, Any]:
+def stage_finetune(cfg: Any, progress: bool = True, data: Data | None = None) -> dict[str, Any]:
     """Fine-tune the chosen layers and a linear head on the labelled training split."""
     from .surgery.finetune import FinetuneConfig, finetune_, select_layers
 
@@ -164,7 +168,7 @@ def stage_finetune(cfg: Any, progress: bool = True) -> dict[str, Any]:
     if fc.policy == "ranked":
         layer_scores = with_weights(model, ScoreSet.load(run.scores_path).layer(fc.score))
     layers = select_layers(model, fc.policy, scores=layer_scores, k=fc.k)
-    images, labels = _data(cfg, progress)
+    images, labels = _data(cfg, progress, data)
     evaluate = _evaluator(cfg, images, labels)
     tr, te = evaluate.train_idx, evaluate.test_idx
     ft_cfg = FinetuneConfig(epochs=fc.epochs, lr=fc.lr, batch_size=fc.batch_size, weight_decay=fc.weight_decay,
@@ -195,7 +199,8 @@ def save_head(head: torch.nn.Linear, path: Path) -> None:
 
 
 @timed
-def stage_export(cfg: Any, progress: bool = True, checkpoint: str | None = None) -> dict[str, Any]:
+def stage_export(cfg: Any, progress: bool = True, checkpoint: str | None = None,
+                 data: Data | None = None) -> dict[str, Any]:
     """Export f and g from a training checkpoint (default: the newest) as safetensors."""
     from .train import latest_checkpoint
 
@@ -206,7 +211,7 @@ def stage_export(cfg: Any, progress: bool = True, checkpoint: str | None = None)
                                 "set, or pass --checkpoint DIR")
     from .recipe import build_twins, load_checkpoint_weights
 
-    images, _ = _data(cfg, progress)
+    images, _ = _data(cfg, progress, data)
     f, g = build_twins(cfg, images)
     load_checkpoint_weights(ckpt, [f, g])
     saved = {name: save_trained(run, name, m, cfg, images) for name, m in (("f", f), ("g", g))}
@@ -226,7 +231,7 @@ def save_trained(run: RunFolder, name: str, model: torch.nn.Module, cfg: Any, im
 
 
 @timed
-def stage_report(cfg: Any, progress: bool = True) -> dict[str, Any]:
+def stage_report(cfg: Any, progress: bool = True, data: Data | None = None) -> dict[str, Any]:
     """Collect every stage's report, reload every exported model strictly and check its outputs
     are bit-identical to those recorded at export; write ``report.md`` and ``report.json``."""
     from .export import load_model
