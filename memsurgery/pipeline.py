@@ -224,14 +224,15 @@ class RunFolder:
 
 
 def timed(fn: Any) -> Any:
-    """Decorator: adds ``seconds`` to the stage's report dict."""
+    """Decorator: adds ``seconds`` to the stage's report dict and writes it to
+    ``reports/<stage>.json`` (the ``report`` stage writes its own ``report.json``)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         out: dict[str, Any] = fn(*args, **kwargs)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         stage = out.get("stage")
-        if stage not in (None, "report"):  # the stage wrote its report before the clock stopped
+        if stage not in (None, "report"):
             write_json(RunFolder(args[0].output).report_path(stage), out)
         return out
 

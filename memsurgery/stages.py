@@ -55,7 +55,6 @@ def stage_score(cfg: Any, progress: bool = True, data: Data | None = None) -> di
     scores = ScoreSet.from_probe(result)
     scores.save(run.scores_path)
     report = _score_report(scores)
-    write_json(run.report_path("score"), report)
     return report
 
 
@@ -102,7 +101,6 @@ def stage_prune(cfg: Any, progress: bool = True, data: Data | None = None) -> di
                      scores={pc.score: scores.unit(pc.score)}, extra={"stage": "prune", "config": dataclasses.asdict(pc)})
     report = {"stage": "prune", "config": dataclasses.asdict(pc), "plan": plan.to_dict(), "changes": rep.to_dict(),
               "accuracy_before": before, "accuracy_after": after, "model": saved}
-    write_json(run.report_path("prune"), report)
     return report
 
 
@@ -133,7 +131,6 @@ def stage_swap(cfg: Any, progress: bool = True, data: Data | None = None) -> dic
               "accuracy_before": before, "accuracy_after": after, "model": saved}
     if sc.rescore:
         report["layermem"] = _rescore(cfg, run, f, model, plan, images, progress)
-    write_json(run.report_path("swap"), report)
     return report
 
 
@@ -183,7 +180,6 @@ def stage_finetune(cfg: Any, progress: bool = True, data: Data | None = None) ->
     report = {"stage": "finetune", "config": dataclasses.asdict(fc), "layers": list(layers),
               "changes": result.report.to_dict(), "accuracy_before": {"linear_acc": result.acc_before},
               "accuracy_after": {"linear_acc": result.acc_after}, "linear_probe_after": after, "model": saved}
-    write_json(run.report_path("finetune"), report)
     return report
 
 
@@ -216,7 +212,6 @@ def stage_export(cfg: Any, progress: bool = True, checkpoint: str | None = None,
     load_checkpoint_weights(ckpt, [f, g])
     saved = {name: save_trained(run, name, m, cfg, images) for name, m in (("f", f), ("g", g))}
     report = {"stage": "export", "checkpoint": str(ckpt), "models": saved}
-    write_json(run.report_path("export"), report)
     return report
 
 
