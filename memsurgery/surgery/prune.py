@@ -87,6 +87,20 @@ def _check_plan(model: nn.Module, plan: UnitPlan, heads: bool) -> dict[str, Unit
     return resolved
 
 
+def _planned_rows(
+    model: nn.Module, plan: UnitPlan, resolved: Mapping[str, UnitLayer]
+) -> Iterator[tuple[str, tuple[int, ...], UnitLayer, list[int], nn.Module]]:
+    """Per non-empty layer of the plan: (name, units, resolved layer, the producer's output rows
+    to act on (an attention head's q, k, v rows, or the units), the producer module)."""
+    for name, idx in plan.units.items():
+        if not idx:
+            continue
+        ul = resolved[name]
+        attn = _attention(model, name)
+        rows = _head_rows(attn, idx) if attn is not None else list(idx)
+        yield name, idx, ul, rows, model.get_submodule(ul.producer)
+
+
 # ---------------------------------------------------------------- zeroing
 def zero_units_(model: nn.Module, plan: UnitPlan) -> Report:
     """Zero the plan's units IN PLACE so each outputs exactly 0 (train and eval mode).
@@ -101,13 +115,7 @@ def zero_units_(model: nn.Module, plan: UnitPlan) -> Report:
     changed: dict[str, Any] = {}
     zeroed = 0
     with torch.no_grad():
-        for name, idx in plan.units.items():
-            if not idx:
-                continue
-            ul = resolved[name]
-            attn = _attention(model, name)
-            rows = _head_rows(attn, idx) if attn is not None else list(idx)
-            producer = model.get_submodule(ul.producer)
+        for name, idx, ul, rows, producer in _planned_rows(model, plan, resolved):
             targets = [(ul.producer, producer)]
             if ul.norm is not None:
                 norm = model.get_submodule(ul.norm)
@@ -272,13 +280,7 @@ def prune_structural_(
         macs_before, params_before = _counts(model, example_inputs)
         dg = _graph(model, example_inputs)
         jobs: dict[tuple[str, ...], tuple[str, list[int], list[str]]] = {}
-        for name, idx in plan.units.items():
-            if not idx:
-                continue
-            ul = resolved[name]
-            attn = _attention(model, name)
-            rows = _head_rows(attn, idx) if attn is not None else list(idx)
-            prod = model.get_submodule(ul.producer)
+        for name, _, ul, rows, prod in _planned_rows(model, plan, resolved):
             members = _group_members(dg, dg.get_pruning_group(prod, _out_fn(prod), rows))
             bad = [m for m in members if any(m == p or m.startswith(p + ".") for p in protected)]
             if bad:
