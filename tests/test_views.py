@@ -34,7 +34,11 @@ from memsurgery.views import (
 
 ATOL_GEOMETRIC = 1e-6
 ATOL_COLOR = 2e-5
-ATOL = {"weak": ATOL_GEOMETRIC, "masking": ATOL_GEOMETRIC, "independent": ATOL_GEOMETRIC}
+# torchvision builds the affine sampling grid with a batched matmul (BLAS); ours is element-wise.
+# The grid coordinates then differ by an ulp or so depending on the CPU's FMA / vector width
+# (AVX512 vs AVX2), and bilinear sampling scales that by up to W / 2 grey levels per pixel.
+ATOL_AFFINE = 1e-5
+ATOL = {"weak": ATOL_GEOMETRIC, "masking": ATOL_GEOMETRIC, "independent": ATOL_AFFINE}
 FAST = settings(max_examples=12, deadline=None)
 
 
@@ -102,7 +106,8 @@ def test_every_op_matches_reference(seed, view, channels, size, dtype):
 
 
 def test_geometric_ops_alone_are_tight():
-    """Crop + flip and affine alone, on non-square images: within 1e-6 (affine bit-exact)."""
+    """Crop + flip and affine alone, on non-square images: within 1e-6 (affine: ATOL_AFFINE; it
+    was bit-exact on AVX2 machines, not on AVX512 ones, where the reference's BLAS grid differs)."""
     size = (20, 23)
     x = _images(16, 3, size)
     index = torch.arange(16)
@@ -110,7 +115,7 @@ def test_geometric_ops_alone_are_tight():
     torch.testing.assert_close(apply_params(x, weak), apply_reference(x, weak), rtol=0, atol=1e-6)
     ind = sample_params("independent", 1, index, 0, size)
     affine_only = dataclasses.replace(ind, noise_key=None)
-    assert torch.equal(apply_params(x, affine_only), apply_reference(x, affine_only))
+    torch.testing.assert_close(apply_params(x, affine_only), apply_reference(x, affine_only), rtol=0, atol=ATOL_AFFINE)
 
 
 # --------------------------------------------------------------------------- the hash
