@@ -1,7 +1,9 @@
 """Which layers, and their outputs: layer selection, presets, forward hooks, probing mode.
 
 Layers ("points") are named by their dotted ``named_modules()`` path on the unwrapped model
-(the names of state_dict keys, timm and Torch-Pruning). A point is the OUTPUT of that module;
+(the names of state_dict keys, timm and Torch-Pruning), or by their readable tag (``layer4.1``
+on a Sequential of a ResNet's children, see :mod:`memsurgery.families`, which also finds the
+model family behind the presets through any wrapper). A point is the OUTPUT of that module;
 the suffix ``:input`` names the module's first input instead (the ViT preset measures the
 residual sum after attention as the input of ``blocks.N.norm2``). Wildcards select: ``*`` matches
 within one dotted segment, ``**`` across segments (``"blocks.*.mlp.fc1"``, ``"layer*.*"``).
@@ -9,8 +11,6 @@ within one dotted segment, ``**`` across segments (``"blocks.*.mlp.fc1"``, ``"la
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,151 +20,101 @@ import torch
 from torch import nn
 
 from ._registry import Registry
+from .families import (
+    INPUT_SUFFIX,
+    LayerNames,
+    close_names,
+    family_presets,
+    find_family,
+    unwrap_model,
+)
 
-INPUT_SUFFIX = ":input"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
+__all__ = ["INPUT_SUFFIX", "LayerCapture", "PointSet", "check_same_architecture", "list_presets", "probing",
+           "register_preset", "resolve_module", "select_points", "unwrap_model"]
 
 
 @dataclass(frozen=True)
 class PointSet:
-    """Selected points in forward order, with optional explicit predecessors for ΔLayerMem."""
+    """Selected points in forward order, with optional explicit predecessors for ΔLayerMem.
+
+    ``names`` are dotted module paths (what hooks attach to); ``tags`` maps each to the name
+    results carry (see :class:`memsurgery.families.LayerNames`; equal to the path for a plain
+    model). ``parents`` are keyed by path.
+    """
 
     names: tuple[str, ...]
     parents: Mapping[str, str | None] | None = field(default=None)
+    tags: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(set(self.names)) != len(self.names):
             raise ValueError("a point set lists a point twice")
 
+    def tag(self, path: str) -> str:
+        return self.tags.get(path, path)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The tags of ``names``, in the same order."""
+        return tuple(self.tag(n) for n in self.names)
+
 
 # ---------------------------------------------------------------- presets
+# A preset maps a model to names (tags or paths) and optional predecessors; the built-in ones
+# come from the model families (memsurgery.families), found through any wrapper.
 _PRESETS: Registry[Callable[[nn.Module], PointSet]] = Registry("layer preset")
 register_preset = _PRESETS.register
 list_presets = _PRESETS.names
 
 
-def _family(model: nn.Module) -> str:
-    from .models.resnet9 import ResNet9
+def _family_preset(preset: str) -> Callable[[nn.Module], PointSet]:
+    fam = family_presets()[preset]
 
-    if isinstance(model, ResNet9):
-        return "resnet9"
-    names = dict(model.named_modules())
-    if "blocks.0.mlp.fc1" in names and "blocks.0.norm2" in names:
-        return "vit"
-    if "layer1.0" in names and "conv1" in names and "bn1" in names:
-        return "resnet"
-    return "unknown"
+    def fn(model: nn.Module) -> PointSet:
+        found = find_family(model)
+        if found is None or found.family is not fam:
+            got = found.family.name if found is not None else "an unrecognised model"
+            raise ValueError(
+                f"layer preset {preset!r} is for {fam.name} models ({fam.description}), got "
+                f"{type(unwrap_model(model)).__name__} (looks like: {got}); presets: {', '.join(list_presets())}"
+            )
+        tags, parents = fam.presets[preset](LayerNames(model), found)
+        return PointSet(tuple(tags), parents)
+
+    fn.__doc__ = fam.doc.get(preset, "")
+    return fn
 
 
-def _need(model: nn.Module, family: str, preset: str) -> None:
-    if _family(model) != family:
+for _preset in family_presets():
+    register_preset(_preset)(_family_preset(_preset))
+
+
+def _auto(model: nn.Module, which: str) -> PointSet:
+    found = find_family(model)
+    if found is None:
+        names = LayerNames(model)
+        examples = ", ".join(repr(e) for e in names.example_patterns())
+        top = ", ".join(n for n, _ in unwrap_model(model).named_children())[:200]
         raise ValueError(
-            f"layer preset {preset!r} is for {family} models, got {type(model).__name__} "
-            f"(looks like: {_family(model)}); presets: {', '.join(list_presets())}"
+            f"preset {which!r} does not recognise {type(unwrap_model(model)).__name__}: it finds torchvision / "
+            f"timm / lightly ResNets, timm ViTs and memsurgery's ResNet9 by their blocks, through wrappers. "
+            f"Select layers by name or wildcard instead, e.g. layers=[{examples}] (top-level modules: {top}), "
+            f"or one of the presets: {', '.join(list_presets())}"
         )
-
-
-def _vit_depth(model: nn.Module) -> int:
-    return sum(1 for n, _ in model.named_modules() if re.fullmatch(r"blocks\.\d+", n))
-
-
-@register_preset("resnet9")
-def _resnet9(model: nn.Module) -> PointSet:
-    """The paper's Table 1 points: conv 1-4, Res2, conv 5-8, Res6 (forward order)."""
-    _need(model, "resnet9", "resnet9")
-    return PointSet(("conv1", "conv2", "conv3", "conv4", "res2", "conv5", "conv6", "conv7", "conv8", "res6"))
-
-
-@register_preset("resnet9-units")
-def _resnet9_units(model: nn.Module) -> PointSet:
-    """The eight post-ReLU conv stages (UnitMem units: their channels)."""
-    _need(model, "resnet9", "resnet9-units")
-    return PointSet(tuple(f"conv{i}" for i in range(1, 9)))
-
-
-@register_preset("resnet-stages")
-def _resnet_stages(model: nn.Module) -> PointSet:
-    """torchvision ResNet: the stem (post-ReLU, before max pooling) and the four stages."""
-    _need(model, "resnet", "resnet-stages")
-    return PointSet(("relu", "layer1", "layer2", "layer3", "layer4"))
-
-
-@register_preset("resnet-blocks")
-def _resnet_blocks(model: nn.Module) -> PointSet:
-    """torchvision ResNet: the stem and every residual block's output (post-add ReLU)."""
-    _need(model, "resnet", "resnet-blocks")
-    blocks = [n for n, _ in model.named_modules() if re.fullmatch(r"layer\d\.\d+", n)]
-    return PointSet(("relu", *blocks))
-
-
-@register_preset("vit")
-def _vit(model: nn.Module) -> PointSet:
-    """timm ViT, four points per block (METRICS.md §3): attention output before its residual add
-    (``ls1``), the residual sum after attention (input of ``norm2``), MLP output before its
-    residual add (``ls2``), block output. Predecessors follow the spec's ΔLayerMem rules."""
-    _need(model, "vit", "vit")
-    names: list[str] = []
-    parents: dict[str, str | None] = {}
-    prev_block: str | None = None
-    for i in range(_vit_depth(model)):
-        b = f"blocks.{i}"
-        att, res, fc = f"{b}.ls1", f"{b}.norm2{INPUT_SUFFIX}", f"{b}.ls2"
-        names += [att, res, fc, b]
-        parents.update({att: prev_block, res: prev_block, fc: res, b: prev_block})
-        prev_block = b
-    return PointSet(tuple(names), parents)
-
-
-@register_preset("vit-blocks")
-def _vit_blocks(model: nn.Module) -> PointSet:
-    _need(model, "vit", "vit-blocks")
-    return PointSet(tuple(f"blocks.{i}" for i in range(_vit_depth(model))))
-
-
-@register_preset("vit-mlp")
-def _vit_mlp(model: nn.Module) -> PointSet:
-    """timm ViT MLP hidden neurons (post-activation ``mlp.act`` output), for UnitMem."""
-    _need(model, "vit", "vit-mlp")
-    return PointSet(tuple(f"blocks.{i}.mlp.act" for i in range(_vit_depth(model))))
-
-
-_AUTO = {"resnet9": "resnet9", "resnet": "resnet-blocks", "vit": "vit"}
-_AUTO_UNITS = {"resnet9": "resnet9-units", "resnet": "resnet-blocks", "vit": "vit-mlp"}
+    fam = found.family
+    return _PRESETS.get(fam.layer_preset if which == "auto" else fam.unit_preset)(model)
 
 
 @register_preset("auto")
-def _auto(model: nn.Module) -> PointSet:
-    """The LayerMem preset for the model's family (resnet9 / resnet-blocks / vit)."""
-    return _from_family(model, _AUTO, "auto")
+def _auto_layers(model: nn.Module) -> PointSet:
+    """The LayerMem preset of the model's family (resnet9 / resnet-blocks / vit)."""
+    return _auto(model, "auto")
 
 
 @register_preset("auto-units")
 def _auto_units(model: nn.Module) -> PointSet:
-    """The UnitMem preset for the model's family (resnet9-units / resnet-blocks / vit-mlp)."""
-    return _from_family(model, _AUTO_UNITS, "auto-units")
-
-
-def _from_family(model: nn.Module, table: Mapping[str, str], name: str) -> PointSet:
-    fam = _family(model)
-    if fam not in table:
-        raise ValueError(
-            f"preset {name!r} does not know {type(model).__name__}; select layers by name or wildcard "
-            f"(e.g. ['layer*.*']) or use one of: {', '.join(list_presets())}"
-        )
-    return _PRESETS.get(table[fam])(model)
+    """The UnitMem preset of the model's family (resnet9-units / resnet-blocks / vit-mlp)."""
+    return _auto(model, "auto-units")
 
 
 # ---------------------------------------------------------------- selection
@@ -183,49 +133,65 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 
 
 def _close(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
-    if not close:
-        close = [c for c in candidates if fnmatch.fnmatch(c, f"*{name.split('.')[-1]}*")][:5]
-    return f" Closest valid names: {', '.join(close)}." if close else ""
+    return close_names(name, candidates)
 
 
-def select_points(model: nn.Module, spec: str | Sequence[str]) -> PointSet:
-    """Resolve a preset name, a layer path, a wildcard pattern, or a list of them, to points.
+def select_points(
+    model: nn.Module, spec: str | Sequence[str], layer_names: Mapping[str, str] | None = None
+) -> PointSet:
+    """Resolve a preset name, a layer name, a wildcard pattern, or a list of them, to points.
 
-    Unknown names raise a ValueError that lists the closest valid names; a pattern that matches
-    nothing raises too (nothing ever falls back to the whole model).
+    A name is a tag (``layer4.1``, also on a Sequential of a ResNet's children) or a dotted
+    module path (``7.1``); wildcards match tags first, then paths. ``layer_names`` renames
+    layers (``{path or tag: tag}``). Unknown names raise a ValueError that lists the closest valid
+    names; a pattern that matches nothing raises too (nothing ever falls back to the whole model).
+
+    Example:
+        >>> select_points(nn.Sequential(*list(resnet18().children())[:-1]), "auto").labels[:2]
+        ('relu', 'layer1.0')
     """
     model = unwrap_model(model)
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
         raise ValueError("no layers selected: give a preset name, layer names or wildcard patterns")
-    modules = [n for n, _ in model.named_modules() if n]
-    names: list[str] = []
+    names = LayerNames(model, layer_names)
+    tags = names.tags
+    paths: list[str] = []
     parents: dict[str, str | None] | None = None
     for item in items:
         if not isinstance(item, str) or not item:
             raise ValueError(f"layer selections must be non-empty strings, got {item!r}")
         if item in _PRESETS:
             ps = _PRESETS.get(item)(model)
-            names += [n for n in ps.names if n not in names]
+            resolved = {n: _resolve(names, n, model) for n in ps.names}
+            paths += [p for p in resolved.values() if p not in paths]
             if ps.parents is not None and len(items) == 1:
-                parents = dict(ps.parents)
+                parents = {resolved[k]: (resolved[v] if v is not None else None) for k, v in ps.parents.items()}
             continue
-        path, suffix = (item[: -len(INPUT_SUFFIX)], INPUT_SUFFIX) if item.endswith(INPUT_SUFFIX) else (item, "")
-        if any(c in path for c in "*?"):
-            rx = _pattern_regex(path)
-            hits = [m for m in modules if rx.fullmatch(m)]
+        base, suffix = (item[: -len(INPUT_SUFFIX)], INPUT_SUFFIX) if item.endswith(INPUT_SUFFIX) else (item, "")
+        if any(c in base for c in "*?"):
+            rx = _pattern_regex(base)
+            hits = [names.path_of[t] for t in tags if rx.fullmatch(t)] or [p for p in names.paths if rx.fullmatch(p)]
             if not hits:
-                raise ValueError(f"layer pattern {item!r} matches no module of {type(model).__name__}.{_close(path, modules)}")
-        else:
-            if path not in modules:
                 raise ValueError(
-                    f"{type(model).__name__} has no layer {path!r}.{_close(path, modules)} "
-                    f"Presets: {', '.join(list_presets())}."
+                    f"layer pattern {item!r} matches no module of {type(model).__name__}.{_close(base, tags)} "
+                    f"Patterns that fit this model: {', '.join(names.example_patterns())}"
                 )
-            hits = [path]
-        names += [h + suffix for h in hits if h + suffix not in names]
-    return PointSet(tuple(names), parents)
+        else:
+            hits = [_resolve(names, base, model)]
+        paths += [h + suffix for h in hits if h + suffix not in paths]
+    return PointSet(tuple(paths), parents, {p: names.tag(p) for p in paths})
+
+
+def _resolve(names: LayerNames, name: str, model: nn.Module) -> str:
+    path = names.path(name)
+    if path is None:
+        base = name.removesuffix(INPUT_SUFFIX)
+        raise ValueError(
+            f"{type(model).__name__} has no layer {name!r}.{_close(base, names.tags)} "
+            f"Presets: {', '.join(list_presets())}."
+        )
+    return path
 
 
 def resolve_module(model: nn.Module, point: str) -> tuple[nn.Module, bool]:
@@ -247,34 +213,43 @@ class LayerCapture:
     forward pass raises. Hooks the user registered are left alone. Call :meth:`begin_pass` before
     and :meth:`end_pass` after each forward pass: a point that fired zero times raises (it is not
     on the forward path), and a module called twice in one pass raises (its output is ambiguous).
+    ``labels`` maps a point (path) to the name the callback, ``order`` and errors use (its tag).
     """
 
-    def __init__(self, model: nn.Module, points: Sequence[str], callback: Callable[[str, torch.Tensor], None]) -> None:
+    def __init__(self, model: nn.Module, points: Sequence[str], callback: Callable[[str, torch.Tensor], None],
+                 labels: Mapping[str, str] | None = None) -> None:
         self.model = unwrap_model(model)
         self.points = tuple(points)
         self.callback = callback
+        self.labels = dict(labels or {})
         self._targets = [(p, *resolve_module(self.model, p)) for p in self.points]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fired: dict[str, int] = {}
         self.order: list[str] = []
 
+    def _name(self, point: str) -> str:
+        label = self.labels.get(point, point)
+        return label if label == point else f"{label} (module {point})"
+
     def _hook_fn(self, point: str, is_input: bool) -> Callable[..., None]:
+        label = self.labels.get(point, point)
+
         def fn(module: nn.Module, args: tuple, output: object = None) -> None:
             value = args[0] if is_input and args else output
             if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
                 value = value[0]
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"layer {point!r} produced {type(value).__name__}, not a tensor; select another layer")
+                raise TypeError(f"layer {self._name(point)!r} produced {type(value).__name__}, not a tensor; select another layer")
             count = self._fired.get(point, 0) + 1
             self._fired[point] = count
             if count > 1:
                 raise ValueError(
-                    f"layer {point!r} ran {count} times in one forward pass (a module reused inside the "
-                    "model, e.g. a shared ReLU); select a module that runs once, such as its parent block"
+                    f"layer {self._name(point)!r} ran {count} times in one forward pass (a module reused inside "
+                    "the model, e.g. a shared ReLU); select a module that runs once, such as its parent block"
                 )
-            if point not in self.order:
-                self.order.append(point)
-            self.callback(point, value)
+            if label not in self.order:
+                self.order.append(label)
+            self.callback(label, value)
 
         return fn
 
@@ -303,7 +278,7 @@ class LayerCapture:
         self._fired = {}
 
     def end_pass(self) -> None:
-        missing = [p for p in self.points if self._fired.get(p, 0) == 0]
+        missing = [self._name(p) for p in self.points if self._fired.get(p, 0) == 0]
         if missing:
             raise ValueError(
                 f"selected layers never fired during the forward pass: {', '.join(missing)}. They are not "

@@ -17,16 +17,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..capture import _family, select_points, unwrap_model
+from ..capture import select_points, unwrap_model
+from ..families import find_family
 from ..views import ViewConfig, make_views, normalizer
 from .evaluate import _model_device, extract_features, linear_probe, moments
 from .plan import Report, plan_layers
 
 Policy = Literal["ranked", "last", "head_only"]
 POLICIES = ("ranked", "last", "head_only")
-_CANDIDATES = {"resnet9": "resnet9-units", "vit": "vit-blocks"}
-
-
 def candidate_layers(model: nn.Module, candidates: str | Sequence[str] | None = None) -> tuple[str, ...]:
     """Layers that fine-tuning may choose from, in forward order: ResNet9 ``conv1..conv8``,
     torchvision ResNets their residual blocks ``layerX.Y``, timm ViTs ``blocks.N``; or the
@@ -34,13 +32,12 @@ def candidate_layers(model: nn.Module, candidates: str | Sequence[str] | None = 
     net = unwrap_model(model)
     if candidates is not None:
         return select_points(net, candidates).names
-    fam = _family(net)
-    if fam == "resnet":
-        return tuple(n for n in select_points(net, "resnet-blocks").names if n != "relu")
-    if fam in _CANDIDATES:
-        return select_points(net, _CANDIDATES[fam]).names
+    found = find_family(net)
+    if found is not None:
+        return select_points(net, found.family.finetune_preset).names
     raise ValueError(
-        f"no default fine-tuning candidates for {type(net).__name__}; pass candidates= (layer names "
+        f"no default fine-tuning candidates for {type(net).__name__} (not a recognised ResNet, ResNet9 or ViT); "
+        "pass candidates= (layer names "
         "or wildcards such as 'layer*.*')"
     )
 

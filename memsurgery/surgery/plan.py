@@ -460,7 +460,13 @@ def unit_scores_from_probe(result: Any, metric: str = "unitmem") -> UnitScoreMap
     table = getattr(result, metric)
     if not table:
         raise ValueError(f"the probe result has no {metric} scores (was it probed with unit layers{' and labels' if metric == 'classmem' else ''}?)")
-    return {k: v.scores.detach().clone() for k, v in table.items()}
+    paths = _paths(result)
+    return {paths.get(k, k): v.scores.detach().clone() for k, v in table.items()}
+
+
+def _paths(result: Any) -> dict[str, str]:
+    """Tag -> module path of the probed layers (plans name modules by path; results by tag)."""
+    return dict((getattr(result, "options", None) or {}).get("layer_paths") or {})
 
 
 def layer_scores_from_probe(result: Any, metric: str = "layermem") -> LayerScoreMap:
@@ -470,4 +476,5 @@ def layer_scores_from_probe(result: Any, metric: str = "layermem") -> LayerScore
     table = getattr(result, metric)
     if not table:
         raise ValueError(f"the probe result has no {metric} scores")
-    return {k: float(v) for k, v in table.items()}
+    paths = _paths(result)
+    return {paths.get(k, k): float(v) for k, v in table.items()}

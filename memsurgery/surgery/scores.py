@@ -36,11 +36,12 @@ class ScoreSet:
     def from_probe(cls, result: Any) -> ScoreSet:
         """From a :class:`memsurgery.probe.ProbeResult` (LayerMem only when it had a reference g);
         unit scores are stored as float32, as a saved file reads them back."""
-        from .plan import layer_scores_from_probe, unit_scores_from_probe
+        from .plan import _paths, layer_scores_from_probe, unit_scores_from_probe
 
         have_units = [m for m in UNIT_METRICS if getattr(result, m)]
         units = {m: {k: v.float() for k, v in unit_scores_from_probe(result, m).items()} for m in have_units}
-        argmax = {m: {k: v.argmax.clone() for k, v in getattr(result, m).items()} for m in have_units}
+        paths = _paths(result)
+        argmax = {m: {paths.get(k, k): v.argmax.clone() for k, v in getattr(result, m).items()} for m in have_units}
         layers = {m: layer_scores_from_probe(result, m) for m in LAYER_METRICS if getattr(result, m)}
         return cls(units, argmax, layers, dict(result.options))
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import INPUT_SUFFIX, _family, check_same_architecture, select_points, unwrap_model
+from ..capture import INPUT_SUFFIX, check_same_architecture, select_points, unwrap_model
+from ..families import family_name
 from .plan import Report
 
 _WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -101,7 +102,7 @@ def swap_layers_(
         ) from e
     points = _layer_names(f, plan_or_layers)
     protected = tuple(getattr(plan_or_layers, "protected", ()) or ())
-    family = _family(f)
+    family = family_name(f)
     donor_state = {**dict(g.named_parameters()), **dict(g.named_buffers())}
     changed: dict[str, Any] = {}
     todo: list[tuple[torch.Tensor, torch.Tensor]] = []
