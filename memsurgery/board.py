@@ -92,8 +92,6 @@ class TensorBoardLogger:
                 self.writer.add_text("options", "```\n" + json.dumps(options, indent=2, default=str) + "\n```", 0)
 
     def log_probe(self, step: int, metrics: Mapping[str, float], monitor: Monitor) -> None:
-        from .probe import _load
-
         if not self.enabled:
             return
         w = self.writer
@@ -115,7 +113,7 @@ class TensorBoardLogger:
                 w.add_image("profile/delta_layermem", profile_image(res.delta_layermem, "delta LayerMem"), step, dataformats="HWC")
         if monitor.top_points:
             idx = torch.tensor([i for i, _ in monitor.top_points])
-            imgs, _ = _load(monitor.probe.data, idx)
+            imgs, _ = monitor.probe.images.take(idx)
             w.add_image("top_memorized", image_grid(imgs), step)
             w.add_text("top_memorized_points", ", ".join(f"{i} ({v:+.3f})" for i, v in monitor.top_points), step)
         w.flush()

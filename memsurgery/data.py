@@ -60,9 +60,12 @@ class ImageSet(Dataset[tuple[torch.Tensor, int]]):
     labels: torch.Tensor
     classes: tuple[str, ...]
     name: str
+    files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels
+        if self.files and len(self.files) != len(x):
+            raise ValueError(f"ImageSet {self.name!r}: {len(self.files)} file names for {len(x)} images")
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"ImageSet images must be a uint8 tensor [N, C, H, W], got {got}")
@@ -410,6 +413,7 @@ def load_image_folder(root: str | os.PathLike[str], size: int | None = None,
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size must be a positive int or None, got {size!r}")
     classes, samples = _scan_folder(root_p)
+    files = tuple(str(root_p / rel) for rel, _ in samples)
     fp = _fingerprint(root_p, samples, size)
     if cache_dir is None:
         cache_dir = cache_home() / "imagefolder" / hashlib.sha256(f"{root_p}|{size}".encode()).hexdigest()[:16]
@@ -422,7 +426,7 @@ def load_image_folder(root: str | os.PathLike[str], size: int | None = None,
             if meta.get("fingerprint") == fp and meta.get("version") == CACHE_VERSION:
                 x, y = np.load(cache / "images.npy"), np.load(cache / "labels.npy")
                 if list(x.shape) == meta["shape"] and y.shape == (len(x),) and x.dtype == np.uint8:
-                    return ImageSet(torch.from_numpy(x), torch.from_numpy(y).long(), tuple(classes), label_name)
+                    return ImageSet(torch.from_numpy(x), torch.from_numpy(y).long(), tuple(classes), label_name, files)
             log.info("cache %s is stale for %s: decoding again", cache, root_p)
         except (OSError, ValueError, KeyError) as e:  # unreadable cache: rebuild it
             log.warning("ignoring unreadable cache %s (%s): decoding again", cache, e)
@@ -434,7 +438,7 @@ def load_image_folder(root: str | os.PathLike[str], size: int | None = None,
     meta = {"version": CACHE_VERSION, "root": str(root_p), "size": size, "count": len(samples),
             "classes": classes, "shape": list(images.shape), "fingerprint": fp}
     atomic_write(manifest, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes), label_name)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), tuple(classes), label_name, files)
 
 
 # --- CIFAR-10 (JPEG)

@@ -15,72 +15,26 @@ so ``state_dict`` is safe for ``accelerator.register_for_checkpointing``.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .data import TwinSplit
 from .metrics import layermem, topk_indices, ttest_greater
 from .probe import ProbeConfig, ProbeResult, run_probe
+from .probe_data import ProbeSet
+
+if TYPE_CHECKING:
+    from .checkpoints import Reference
+
+__all__ = ["Monitor", "ProbeSet"]
 
 SPLITS = ("shared", "independent", "extra")
-
-
-@dataclass(frozen=True)
-class ProbeSet:
-    """The points a monitor probes: the candidates, control splits and optional labels.
-
-    ``reference_split`` names the control split of never-seen points (S_E) used for the
-    baseline correction and for the single-encoder estimate.
-    """
-
-    data: Any
-    candidates: torch.Tensor
-    controls: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    labels: torch.Tensor | None = None
-    reference_split: str | None = "extra"
-
-    def __post_init__(self) -> None:
-        cand = torch.as_tensor(self.candidates).long()
-        if cand.numel() < 2:
-            raise ValueError(f"a probe set needs at least 2 candidate points, got {cand.numel()}")
-        object.__setattr__(self, "candidates", cand)
-        controls = {k: torch.as_tensor(v).long() for k, v in self.controls.items() if torch.as_tensor(v).numel()}
-        object.__setattr__(self, "controls", controls)
-        seen = set(cand.tolist())
-        for name, idx in controls.items():
-            if name == "candidates":
-                raise ValueError("'candidates' is not a control split name")
-            overlap = seen & set(idx.tolist())
-            if overlap:
-                raise ValueError(f"control split {name!r} shares points with the candidates or another split, e.g. {min(overlap)}")
-            seen |= set(idx.tolist())
-        if self.reference_split is not None and self.reference_split not in controls:
-            object.__setattr__(self, "reference_split", None)
-
-    @classmethod
-    def from_split(
-        cls, data: Any, split: TwinSplit, labels: torch.Tensor | None = None, max_points: int | None = None, seed: int = 0
-    ) -> ProbeSet:
-        """Candidates plus shared / independent / extra controls of a twin split, each capped at
-        ``max_points`` (a seeded subsample)."""
-        if getattr(split, "extra_source", "train") != "train":
-            raise ValueError(
-                f"the split's extra points index the {split.extra_source!r} dataset, not the training images given "
-                "here; build ProbeSet(data, candidates, controls) with one tensor holding both sets of images"
-            )
-        gen = torch.Generator().manual_seed(seed)
-
-        def cap(idx: torch.Tensor) -> torch.Tensor:
-            if max_points is None or idx.numel() <= max_points:
-                return idx
-            return torch.sort(idx[torch.randperm(idx.numel(), generator=gen)[:max_points]]).values
-
-        controls = {"shared": cap(split.shared), "independent": cap(split.independent), "extra": cap(split.extra)}
-        return cls(data, cap(split.candidates), controls, labels)
 
 
 class Monitor:
@@ -98,22 +52,43 @@ class Monitor:
         model: nn.Module,
         probe: ProbeSet,
         *,
-        reference: nn.Module | None = None,
+        reference: nn.Module | str | Path | Reference | None = None,
         config: ProbeConfig | None = None,
         every_n_steps: int | None = None,
         log_dir: str | None = None,
         thresholds: Sequence[float] = (0.5, 0.8),
         top_k: int = 16,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1 or None (probe only on compute), got {every_n_steps}")
+        """Args:
+            model: the encoder f being trained (e.g. ``model.backbone``; DDP / compile wrappers are fine).
+            probe: the points to probe (:class:`ProbeSet`).
+            reference: g, f's twin trained without the candidates: a live module, a checkpoint
+                file, a folder or glob pattern of g's checkpoints (the one nearest to the probe's
+                step is loaded; see :class:`memsurgery.checkpoints.Reference` for waiting), or None
+                (single-encoder estimate from never-seen points).
+            config: what to measure (:class:`ProbeConfig`).
+            every_n_steps: probe every n calls of :meth:`step` (None: only on :meth:`compute`).
+            log_dir: TensorBoard folder (rank 0 writes).
+
+        Everything a probe needs is checked here, before training goes on: the layers, the
+        reference, the probe images, the views and the normalization, with one dry forward pass
+        of two probe points through f and g (eval mode, inference mode; nothing of f changes).
+        """
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be >= 1 or None (probe only on compute), got {every_n_steps!r}")
+        if not isinstance(probe, ProbeSet):
+            raise TypeError(f"probe must be a memsurgery.ProbeSet, got {type(probe).__name__}; build one with "
+                            "ProbeSet(images, candidates, controls) or ProbeSet.from_datasets(train, candidates, never_seen=...)")
         if reference is None and probe.reference_split is None:
             raise ValueError(
                 "without a reference encoder g the monitor needs never-seen points to compare with: give the "
-                "probe set a control split of points f never trained on (e.g. controls={'extra': idx})"
+                "probe set a control split of points f never trained on (e.g. controls={'extra': idx}, or "
+                "ProbeSet.from_datasets(train, candidates, never_seen=test_dataset))"
             )
+        if config is not None and not isinstance(config, ProbeConfig):
+            raise TypeError(f"config must be a memsurgery.ProbeConfig, got {type(config).__name__}")
         self.model = model
-        self.reference = reference
         self.probe = probe
         self.config = replace(config or ProbeConfig(), progress=False)
         self.every_n_steps = every_n_steps
@@ -121,23 +96,100 @@ class Monitor:
         self.top_k = top_k
         self.log_dir = log_dir
         self._logger: Any = None
+        self._checkpoints: Reference | None = None
+        self.reference: nn.Module | None = None
+        if isinstance(reference, (str, Path)):
+            from .checkpoints import Reference as _Reference
+
+            reference = _Reference(reference)
+        if isinstance(reference, nn.Module):
+            self.reference = reference
+        elif reference is not None:
+            if not hasattr(reference, "at") or not hasattr(reference, "bind"):
+                raise TypeError(f"reference must be an nn.Module, a checkpoint path or a Reference, got {type(reference).__name__}")
+            self._checkpoints = reference
+            reference.bind(model)
         self.reset()
+        self._validate()
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self._checkpoints is not None
+
+    def _validate(self) -> None:
+        """Fail now, not after every_n_steps of training: a dry probe of two points."""
+        from .capture import check_same_architecture, select_points, unwrap_model
+
+        cfg, f = self.config, unwrap_model(self.model)
+        layers = select_points(f, cfg.layers, cfg.layer_names)
+        if cfg.unit_layers is not None:
+            select_points(f, cfg.unit_layers, cfg.layer_names)
+        if cfg.final_layer is not None and cfg.final_layer not in layers.labels:
+            raise ValueError(f"final_layer {cfg.final_layer!r} is not one of the LayerMem points: {', '.join(layers.labels)}")
+        g: nn.Module | None = self.reference
+        if g is not None and unwrap_model(g) is not f:
+            check_same_architecture(f, g)
+        if self._checkpoints is not None:
+            self._checkpoints.check(f)
+            g = copy.deepcopy(f)  # the architecture; the checkpoint weights come at each probe
+        images = self.probe.images
+        channels = images.images.shape[1]
+        if cfg.mean is not None and len(cfg.mean) not in (1, channels):
+            raise ValueError(f"the normalization has {len(cfg.mean)} values but the probe images have {channels} channels")
+        if cfg.mean is None and self.probe.train_normalization is not None:
+            mean, std = self.probe.train_normalization
+            warnings.warn(
+                f"the training transform of the probe's dataset normalizes with mean={list(mean)}, std={list(std)}, but "
+                f"the probe views are not normalized: f would see other inputs than in training. Pass "
+                f"ProbeConfig(normalize={{'mean': {list(mean)}, 'std': {list(std)}}}) (or views=<the training transform>)",
+                UserWarning, stacklevel=3,
+            )
+        keys = self._dry_keys()
+        x, _ = images.take(keys)
+        from .custom_views import render
+
+        v = render(x, keys, 0, cfg.views)
+        if tuple(v.shape[1:]) != tuple(x.shape[1:]):
+            raise ValueError(
+                f"the views are {tuple(v.shape[1:])} but the probe images are {tuple(x.shape[1:])}: the view transform "
+                "must keep the image size (resize the probe images to f's input size with ProbeSet(..., size=...), or "
+                "end the transform with a crop / resize to that size)"
+            )
+        dry = replace(cfg, num_pairs=1, num_unit_views=min(cfg.num_unit_views, 2), final_layer=None)
+        try:
+            run_probe(f, images, keys, reference=g, config=dry, shard=False)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"the monitor's dry run (2 probe points through f{' and g' if g is not None else ''}) "
+                          f"failed: {e}") from e
+
+    def _dry_keys(self) -> torch.Tensor:
+        """Two candidates for the dry run, of two classes when there are labels (ClassMem needs two)."""
+        cand = self.probe.candidates
+        _, labels = self.probe.images.take(cand)
+        if labels is not None:
+            other = (labels != labels[0]).nonzero()
+            if other.numel():
+                return torch.stack([cand[0], cand[int(other[0])]])
+        return cand[:2]
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         self.steps = 0
+        self.references: list[dict[str, Any]] = []
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last: ProbeResult | None = None
         self.last_controls: ProbeResult | None = None
         self.top_points: list[tuple[int, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "history": [(s, dict(m)) for s, m in self.history], "top_points": list(self.top_points)}
+        return {"steps": self.steps, "history": [(s, dict(m)) for s, m in self.history], "top_points": list(self.top_points),
+                "references": [dict(r) for r in self.references]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.history = [(int(s), dict(m)) for s, m in state["history"]]
         self.top_points = [(int(i), float(v)) for i, v in state.get("top_points", [])]
+        self.references = [dict(r) for r in state.get("references", [])]
 
     # ------------------------------------------------------------------ schedule
     def step(self, global_step: int | None = None) -> dict[str, float] | None:
@@ -168,13 +220,25 @@ class Monitor:
 
     # ------------------------------------------------------------------ probing
     def probe_now(self) -> dict[str, float]:
+        """Probe now (collective). With g's checkpoints as reference, the one nearest to the
+        current step is loaded first (``references`` records which); when it must be skipped
+        (``missing="skip"``) nothing is recorded and ``{}`` is returned."""
         p = self.probe
-        cand = run_probe(self.model, p.data, p.candidates, reference=self.reference, labels=p.labels, config=self.config)
+        g = self.reference
+        info: dict[str, Any] | None = None
+        if self._checkpoints is not None:
+            g, info = self._checkpoints.at(self.steps)
+            if g is None:
+                return {}
+        cand = run_probe(self.model, p.images, p.candidates, reference=g, config=self.config)
         ctl = None
         if p.controls:
             ctl_idx = torch.cat(list(p.controls.values()))
-            ctl = run_probe(self.model, p.data, ctl_idx, reference=self.reference, config=replace(self.config, unit_layers=None))
+            ctl = run_probe(self.model, p.images, ctl_idx, reference=g, config=replace(self.config, unit_layers=None))
         metrics = self._metrics(cand, ctl)
+        if info is not None:
+            metrics["reference/step"] = float(info["step"]) if info.get("step") is not None else float("nan")
+            self.references.append({"probe_step": self.steps, **{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}})
         self.last, self.last_controls = cand, ctl
         self.history.append((self.steps, metrics))
         if self.log_dir is not None:
@@ -188,7 +252,7 @@ class Monitor:
         out = cand.to_dict(self.thresholds)
         ref_split = self.probe.reference_split
         ref_rows = self._split_rows(ctl, ref_split) if ctl is not None and ref_split is not None else None
-        if self.reference is not None:
+        if cand.sslmem is not None:
             per_split = {"candidates": cand.sslmem_final}
             if ctl is not None:
                 for name in self.probe.controls:
@@ -197,7 +261,10 @@ class Monitor:
                 out[f"sslmem/{name}"] = float(v.mean())
             for a, b in (("candidates", "shared"), ("shared", "independent"), ("candidates", "independent"), ("candidates", "extra")):
                 if a in per_split and b in per_split and per_split[a].numel() > 1 and per_split[b].numel() > 1:
-                    out[f"ttest_p/{a}>{b}"] = ttest_greater(per_split[a], per_split[b]).pvalue
+                    try:
+                        out[f"ttest_p/{a}>{b}"] = ttest_greater(per_split[a], per_split[b]).pvalue
+                    except ValueError:  # both sets constant (e.g. f is g): no t statistic
+                        out[f"ttest_p/{a}>{b}"] = float("nan")
             if ctl is not None and ref_rows is not None:
                 lm_e = layermem({name: ctl.sslmem[ref_rows, j] for j, name in enumerate(ctl.layers)})  # type: ignore[index]
                 for name, v in lm_e.items():
@@ -212,7 +279,7 @@ class Monitor:
             est = (mean_e - cand.align_f) / (mean_e + cand.align_f)
             for j, name in enumerate(cand.layers):
                 out[f"layermem_est/{name}"] = float(est[:, j].mean())
-        if self.reference is None:
+        if cand.sslmem is None:
             assert est is not None
             scores = est[:, cand.layers.index(cand.final_layer)]
         order = topk_indices(scores, min(self.top_k, scores.numel()))

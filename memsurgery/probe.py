@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .capture import LayerCapture, check_same_architecture, probing, select_points, unwrap_model
+from .custom_views import CustomViews, as_views, render
+from .custom_views import describe as describe_views
 from .metrics import (
     AlignmentAccumulator,
     ClassMemAccumulator,
@@ -35,7 +37,7 @@ from .metrics import (
 )
 from .metrics.distance import check_distance
 from .metrics.unit import check_options
-from .views import ViewConfig, make_views, normalizer
+from .views import ViewConfig, normalizer
 
 PairMode = Literal["aug_aug", "clean_aug"]
 LayerSpec = str | tuple[str, ...]
@@ -48,14 +50,20 @@ class ProbeConfig:
     layers: LayerMem points (a preset name, layer names or wildcards; see ``capture``).
     unit_layers: UnitMem / ClassMem points, or None to skip unit metrics.
     final_layer: the point whose SSLMem' ranks points (default: the last LayerMem point).
+    views: a preset name (``"weak"``, ...), a :class:`ViewConfig`, or the user's own transform
+        (any callable on one image, e.g. a torchvision v2 pipeline or lightly's SimCLRTransform;
+        see :mod:`memsurgery.custom_views`: a Normalize inside it becomes the probe's normalization).
     num_pairs: K view pairs per point for the alignment. num_unit_views: V views for UnitMem.
-    mean / std: per-channel normalization applied to the [0, 1] views before the encoder.
+    mean / std: per-channel normalization applied to the [0, 1] views before the encoder;
+        ``normalize={"mean": ..., "std": ...}`` (e.g. lightly's ``IMAGENET_NORMALIZE``) or a
+        ``(mean, std)`` pair says the same.
+    layer_names: ``{path or tag: name}`` renames layers in the results (see ``families``).
     """
 
     layers: LayerSpec = "auto"
     unit_layers: LayerSpec | None = "auto-units"
     final_layer: str | None = None
-    views: ViewConfig = field(default_factory=ViewConfig)
+    views: ViewConfig | CustomViews | str = field(default_factory=ViewConfig)
     num_pairs: int = 5
     num_unit_views: int = 10
     pair_mode: PairMode = "aug_aug"
@@ -65,6 +73,8 @@ class ProbeConfig:
     batch_size: int = 128
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    normalize: Any = None
+    layer_names: dict[str, str] | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -73,17 +83,98 @@ class ProbeConfig:
         if self.pair_mode not in ("aug_aug", "clean_aug"):
             raise ValueError(f"pair_mode must be 'aug_aug' or 'clean_aug', got {self.pair_mode!r}")
         for name in ("num_pairs", "num_unit_views", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("give both mean and std for normalization, or neither")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("layers", "unit_layers"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "views", as_views(self.views))
+        mean, std = _normalization(self.mean, self.std, self.normalize)
+        taken = self.views.normalization if isinstance(self.views, CustomViews) else None
+        if taken is not None:
+            if mean is None:
+                mean, std = taken
+            elif (tuple(mean), tuple(std or ())) != taken:
+                raise ValueError(
+                    f"the view transform normalizes with mean={taken[0]}, std={taken[1]} but the probe config "
+                    f"says mean={mean}, std={std}; keep one of them"
+                )
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "normalize", None)
+        if self.layer_names is not None and (not isinstance(self.layer_names, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.layer_names.items())):
+            raise TypeError("layer_names must map layer names or paths (str) to new names (str)")
 
     def options(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("progress")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("progress", "normalize")}
+        d["views"] = asdict(self.views) if isinstance(self.views, ViewConfig) else describe_views(self.views)
+        for key in ("layers", "unit_layers"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        d["mean"] = list(d["mean"]) if d["mean"] is not None else None
+        d["std"] = list(d["std"]) if d["std"] is not None else None
+        d["layer_names"] = dict(self.layer_names) if self.layer_names else None
         return d
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> ProbeConfig:
+        """Rebuild the config recorded in ``options()`` (results, exported models' metadata).
+        Custom views cannot be rebuilt from their description: that raises, naming the transform."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in options.items() if k in known and k not in ("layer_paths",)}
+        views = kw.get("views")
+        if isinstance(views, Mapping):
+            if views.get("kind") == "custom":
+                raise ValueError(f"these results were measured with a custom view transform ({views.get('transform')}); "
+                                 "pass the same transform as ProbeConfig(views=...)")
+            kw["views"] = ViewConfig(**{k: v for k, v in views.items() if k != "kind"})
+        for key in ("layers", "unit_layers", "mean", "std"):
+            if isinstance(kw.get(key), list):
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+def _normalization(mean: Any, std: Any, normalize: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(mean, std) from mean / std tuples, a ``{"mean", "std"}`` dict (as ``normalize`` or as
+    ``mean``) or a ``(mean, std)`` pair as ``normalize``."""
+    if isinstance(mean, Mapping):
+        normalize, mean = mean, None
+    if normalize is not None:
+        if mean is not None or std is not None:
+            raise ValueError("give the normalization once: normalize={'mean': ..., 'std': ...} or mean=... and std=...")
+        if isinstance(normalize, Mapping):
+            missing = {"mean", "std"} - set(normalize)
+            if missing:
+                raise ValueError(f"normalize must hold 'mean' and 'std', it lacks {', '.join(sorted(missing))}")
+            mean, std = normalize["mean"], normalize["std"]
+        elif isinstance(normalize, (tuple, list)) and len(normalize) == 2:
+            mean, std = normalize
+        else:
+            raise TypeError(f"normalize must be {{'mean': ..., 'std': ...}} or (mean, std), got {normalize!r}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std for normalization, or neither")
+    if mean is None:
+        return None, None
+    try:
+        m, s = tuple(float(v) for v in _flat(mean)), tuple(float(v) for v in _flat(std))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"mean and std must be sequences of numbers, got {mean!r} and {std!r}") from e
+    if len(m) != len(s) or not m:
+        raise ValueError(f"mean and std must have one value per channel each, got {len(m)} and {len(s)}")
+    if any(v <= 0 for v in s):
+        raise ValueError(f"std must be positive, got {s}")
+    return m, s
+
+
+def _flat(v: Any) -> list[Any]:
+    if isinstance(v, torch.Tensor):
+        return v.flatten().tolist()
+    if isinstance(v, (int, float)):
+        return [v]
+    return list(v)
 
 
 @dataclass
@@ -159,34 +250,25 @@ class ProbeResult:
 
 
 # ---------------------------------------------------------------- data access
-def _to_unit_float(img: Any) -> torch.Tensor:
-    if isinstance(img, torch.Tensor):
-        t = img
-    else:  # PIL image or array
-        from torchvision.transforms.v2 import functional as TF
-
-        t = TF.pil_to_tensor(img) if hasattr(img, "getbands") else torch.as_tensor(img)
-    if t.dim() == 2:
-        t = t.unsqueeze(0)
-    if t.dtype == torch.uint8:
-        return t.float() / 255.0
-    return t.float()
-
-
 def _load(data: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images [B, C, H, W] in [0, 1] (float32) and labels (or None) for dataset indices ``idx``."""
+    from .probe_data import ProbeImages, check_images, to_image
+
+    if isinstance(data, ProbeImages):
+        return data.take(idx)
     if isinstance(data, torch.Tensor):
         x = data[idx]
         return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()), None
     imgs, labels = [], []
     for i in idx.tolist():
         item = data[i]
-        if isinstance(item, (tuple, list)):
-            imgs.append(_to_unit_float(item[0]))
-            if len(item) > 1 and isinstance(item[1], (int, torch.Tensor)):
-                labels.append(int(item[1]))
-        else:
-            imgs.append(_to_unit_float(item))
+        pair = isinstance(item, tuple) or (isinstance(item, list) and len(item) == 2 and not isinstance(item[1], torch.Tensor))
+        img = item[0] if pair else item
+        t = to_image(img, f"item {i} of the probe data")
+        check_images(t.unsqueeze(0), f"item {i} of the probe data")
+        imgs.append(t.float() / 255.0 if t.dtype == torch.uint8 else t.float())
+        if pair and len(item) > 1 and isinstance(item[1], (int, torch.Tensor)):
+            labels.append(int(item[1]))
     lab = torch.tensor(labels) if len(labels) == len(imgs) else None
     return torch.stack(imgs), lab
 
@@ -229,6 +311,7 @@ class ProbeState:
     units: dict[str, UnitMemAccumulator]
     classes: dict[str, ClassMemAccumulator]
     has_g: bool
+    paths: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: ProbeState) -> None:
         if other.layer_names != self.layer_names or other.unit_names != self.unit_names:
@@ -251,7 +334,7 @@ class ProbeState:
         return ProbeState(
             self.parents, self.layer_names, list(self.order), self.unit_names,
             {k: move(v) for k, v in self.align.items()}, {k: move(v) for k, v in self.units.items()},
-            {k: move(v) for k, v in self.classes.items()}, self.has_g,
+            {k: move(v) for k, v in self.classes.items()}, self.has_g, dict(self.paths),
         )
 
 
@@ -300,6 +383,10 @@ def run_probe(
     if int(idx_all.min()) < 0 or int(idx_all.max()) >= n_data:
         raise ValueError(f"probe indices must lie in [0, {n_data}); got {int(idx_all.min())}..{int(idx_all.max())}")
     idx_all = torch.sort(idx_all).values
+    if isinstance(data, torch.Tensor):
+        from .probe_data import check_images
+
+        check_images(data[idx_all], "probe images")
     if cfg.unit_layers is not None and idx_all.numel() < 2:
         raise ValueError("the probe set has 1 point: UnitMem compares a unit's top point with the rest and needs >= 2")
     label_table = torch.as_tensor(labels).long() if labels is not None else None
@@ -330,15 +417,18 @@ def collect_probe(
     """Run the probe passes over ``idx_all`` (this process's points, possibly none) and return
     the accumulated, not yet assembled, state."""
     same = g is f  # allowed: f is g gives LayerMem 0 everywhere (a sanity check)
-    layer_ps = select_points(f, cfg.layers)
-    unit_names = select_points(f, cfg.unit_layers).names if cfg.unit_layers is not None else ()
+    layer_ps = select_points(f, cfg.layers, cfg.layer_names)
+    unit_ps = select_points(f, cfg.unit_layers, cfg.layer_names) if cfg.unit_layers is not None else None
+    unit_names = unit_ps.labels if unit_ps is not None else ()
+    labels = {**layer_ps.tags, **(unit_ps.tags if unit_ps is not None else {})}
+    paths = {labels[p]: p for p in labels}
     if device is None:
         p = next(f.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     normalize = normalizer(cfg.mean, cfg.std, device)
 
-    layer_names = layer_ps.names
+    layer_names = layer_ps.labels
     align = {"f": AlignmentAccumulator(layer_names), "g": AlignmentAccumulator(layer_names)}
     units = {u: UnitMemAccumulator(cfg.unit_reduction, cfg.unit_activation) for u in unit_names}
     classes = {u: ClassMemAccumulator(cfg.unit_activation) for u in unit_names}
@@ -357,8 +447,9 @@ def collect_probe(
 
         return cb
 
-    cap_f = LayerCapture(f, tuple(dict.fromkeys(layer_names + unit_names)), hook("f"))
-    cap_g = LayerCapture(g, layer_names, hook("g")) if g is not None and not same else None
+    f_points = tuple(dict.fromkeys(layer_ps.names + (unit_ps.names if unit_ps is not None else ())))
+    cap_f = LayerCapture(f, f_points, hook("f"), labels)
+    cap_g = LayerCapture(g, layer_ps.names, hook("g"), labels) if g is not None and not same else None
     k_pairs, v_units = cfg.num_pairs, cfg.num_unit_views
     order: list[str] = []
 
@@ -381,7 +472,7 @@ def collect_probe(
             b = idx.numel()
 
             def view(v: int, x: torch.Tensor = x, idx: torch.Tensor = idx) -> torch.Tensor:
-                return make_views(x, idx, v, cfg.views)
+                return render(x, idx, v, cfg.views)
 
             unit_sum = {u: torch.zeros(0) for u in unit_names}
             n_unit_views = 0
@@ -424,8 +515,10 @@ def collect_probe(
                     for u in unit_names:
                         _check_finite({u: ps_f.units[u][0]}, "f")
                         classes[u].update(ps_f.units[u][0], batch_labels.to(device), idx)
-    parents = dict(layer_ps.parents) if layer_ps.parents is not None else None
-    return ProbeState(parents, layer_names, order, unit_names, align, units, classes, g is not None)
+    parents = None
+    if layer_ps.parents is not None:
+        parents = {layer_ps.tag(k): (layer_ps.tag(v) if v is not None else None) for k, v in layer_ps.parents.items()}
+    return ProbeState(parents, layer_names, order, unit_names, align, units, classes, g is not None, paths)
 
 
 class _null:
@@ -478,5 +571,5 @@ def _assemble(cfg: ProbeConfig, state: ProbeState) -> ProbeResult:
         indices=indices.cpu(), layers=fwd, parents=parents, final_layer=final,
         align_f=af.cpu(), align_g=None if ag is None else ag.cpu(), sslmem=None if ssl is None else ssl.cpu(),
         layermem=lm, delta_layermem=dlm, unit_layers=unit_names, unitmem=um, classmem=cm,
-        options=cfg.options(),
+        options={**cfg.options(), "layer_paths": dict(state.paths)},
     )
