@@ -33,3 +33,15 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """``write(fh)`` into a binary file handle, atomically (:func:`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         write(fh)
+
+
+def sha256_files(files: list[Path]) -> str:
+    """SHA-256 of the files' bytes, one after the other (a checkpoint may be several shards)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._io import sha256_files
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -159,10 +160,40 @@ def match_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, prefix
         if len(fits) > 1:
             raise ValueError(f"the checkpoint holds {len(fits)} copies of this model, under the prefixes "
                              f"{', '.join(map(repr, fits))}; pass prefix=... to choose (e.g. the student, not the teacher)")
-    by_order = _by_order(state, target)
-    if by_order is not None:
-        return by_order, "by order (same shapes and parameter names, other module names)"
+    for mapped, how2 in ((_by_layer_names(state, model), "by layer names"), (_by_order(state, target), "by order")):
+        if mapped is not None:
+            return mapped, f"{how2} (same shapes and parameter names, other module names)"
     raise ValueError(_mismatch(state, target))
+
+
+def _fits(mapped: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> bool:
+    return set(mapped) == set(target) and all(tuple(mapped[k].shape) == tuple(target[k].shape) for k in target)
+
+
+def _by_layer_names(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A checkpoint of the same model with its children named otherwise: a Sequential of a ResNet's
+    children (keys ``4.0.conv1.weight``) for the ResNet (``layer1.0.conv1.weight``) and back, via the
+    family's reference names (:class:`memsurgery.families.LayerNames`) or the children's positions."""
+    from .families import LayerNames
+
+    target = model.state_dict()
+    names = LayerNames(model)
+    by_tag: dict[str, torch.Tensor] = {}
+    for k in target:
+        path, _, param = k.rpartition(".")
+        key = f"{names.tag(path)}.{param}" if path else param
+        if key in state:
+            by_tag[k] = state[key]
+    if _fits(by_tag, target):
+        return by_tag
+    children = [n for n, _ in model.named_children()]
+    by_position: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head.isdigit() and int(head) < len(children):
+            by_position[f"{children[int(head)]}.{rest}"] = value
+    picked = {k: by_position[k] for k in target if k in by_position}
+    return picked if _fits(picked, target) else None
 
 
 def _by_order(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -176,7 +207,8 @@ def _by_order(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tens
     if len(starts) != 1:
         return None
     i = starts[0]
-    return {k: state[keys[i + j]] for j, k in enumerate(target)}
+    out = {k: state[keys[i + j]] for j, k in enumerate(target)}
+    return out if _fits(out, target) else None
 
 
 def _mismatch(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> str:
@@ -205,15 +237,6 @@ def _mismatch(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tens
             + "; ".join(parts) + "." + hint)
 
 
-def _sha256(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def load_weights(model: nn.Module, path: str | os.PathLike[str], prefix: str | None = None) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (strictly, after key matching); returns what was used:
     ``{"path", "mapping", "sha256"}``.
@@ -230,7 +253,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], prefix: str | N
     mapped, how = match_state_dict(state, net, prefix)
     net.load_state_dict(mapped, strict=True)
     files = _weights_file(p) if p.is_dir() else [p]
-    return {"path": str(p), "mapping": how, "sha256": _sha256(files)}
+    return {"path": str(p), "mapping": how, "sha256": sha256_files(files)}
 
 
 # ---------------------------------------------------------------- steps

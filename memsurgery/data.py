@@ -114,6 +114,31 @@ def load_digits(size: int = 16, rgb: bool = True) -> ImageSet:
     return ImageSet(x, y, tuple(str(i) for i in range(10)), "digits")
 
 
+def demo_image_folder(root: str | os.PathLike[str] | None = None, size: int = 32, per_split: tuple[int, int] = (500, 200)
+                      ) -> Path:
+    """Write scikit-learn's digits as an ImageFolder tree (``root/train/<digit>/*.png`` and
+    ``root/test/<digit>/*.png``, RGB ``size`` x ``size``) and return ``root``; the examples'
+    default data, so they run on a machine without any dataset. Written once (an existing
+    complete tree is reused), default ``cache_home()/digits-imagefolder-<size>``."""
+    from PIL import Image
+
+    root_p = Path(root) if root is not None else cache_home() / f"digits-imagefolder-{size}"
+    done = root_p / ".complete"
+    if done.is_file():
+        return root_p
+    ds = load_digits(size=size)
+    n_train, n_test = per_split
+    if n_train + n_test > len(ds):
+        raise ValueError(f"the digits have {len(ds)} images, fewer than {n_train} + {n_test}")
+    for split, rows in (("train", range(n_train)), ("test", range(n_train, n_train + n_test))):
+        for i in rows:
+            folder = root_p / split / ds.classes[int(ds.labels[i])]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    done.write_text("ok\n")  # last: a tree cut short by a crash is written again
+    return root_p
+
+
 # --- twin split
 def _as_index(value: Any, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):

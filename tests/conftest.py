@@ -59,3 +59,11 @@ def tiny_vit():
 
     torch.manual_seed(0)
     return build_encoder("vit_tiny", img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+    """A tiny ImageFolder of the digits (train/ 48 images, test/ 24), 32x32 RGB PNGs."""
+    from memsurgery.data import demo_image_folder
+
+    return demo_image_folder(tmp_path_factory.mktemp("digits-folder"), size=32, per_split=(48, 24))
