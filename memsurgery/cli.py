@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EPILOG = """examples:
   memsurgery run recipes/quickstart.yaml          train twin SimCLR ResNet9s on the embedded
@@ -21,6 +22,12 @@ EPILOG = """examples:
   memsurgery finetune recipes/finetune_digits.yaml   fine-tune the top-ΔLayerMem layers + a head
   memsurgery export recipes/cifar10_simclr.yaml   f and g from its newest checkpoint (or --checkpoint DIR)
   memsurgery report recipes/quickstart.yaml       reload every exported model, write report.md
+  bring your own training script:
+  memsurgery split --data cifar/train --seed 0 -o split.json   seeded twin split (f: shared + candidates,
+                                                  g: shared + independent); split.subset(ds, "f" | "g")
+  memsurgery audit --arch resnet18 --f f.pt --g g.pt --split split.json --data cifar/train
+                                                  where existing checkpoints memorize -> audit/report.html
+  memsurgery audit --arch resnet18 --f f.pt --data cifar/train --never-seen cifar/test   (no twin g)
   memsurgery --version
 """
 
@@ -57,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--resume", action="store_true",
                      help="continue from the newest checkpoint under <output>/checkpoints (needs train.checkpoint_every)")
+    _split_parser(sub)
+    _audit_parser(sub)
     for name, text in STAGE_HELP.items():
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ", in the recipe's output folder.")
         _common(p)
@@ -65,12 +74,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(text: str) -> int | float:
+    """A split size: an int count or a float fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a count (500) nor a fraction (0.1)") from None
+
+
+def _split_parser(sub: Any) -> None:
+    p = sub.add_parser("split", help="write a seeded twin split (split.json) for two runs of your own training script",
+                       description="Draw the twin split of a training set (METRICS.md §1): f trains on shared + candidates, "
+                       "g on shared + independent; extra points are seen by neither. Sizes are counts (500) or "
+                       "fractions (0.1). In your script: split = memsurgery.TwinSplit.load_json('split.json'); "
+                       "train_ds = split.subset(dataset, 'f' or 'g').",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--n", type=int, help="the training set's size")
+    src.add_argument("--data", help="the training data (an ImageFolder path or a dataset name), to count it")
+    p.add_argument("--shared", type=_size, default=0.8)
+    p.add_argument("--candidates", type=_size, default=0.1)
+    p.add_argument("--independent", type=_size, default=0.1)
+    p.add_argument("--extra", type=_size, default=0, help="never-seen points drawn from the same data (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="split.json")
+
+
+def _audit_parser(sub: Any) -> None:
+    p = sub.add_parser("audit", help="measure where existing checkpoints memorize; writes a report folder",
+                       description="Audit a trained encoder f (against its twin g when given): LayerMem / ΔLayerMem, "
+                       "UnitMem / ClassMem, the most memorized images. Writes <output>/summary.json, summary.md, "
+                       "scores.json and a self-contained report.html.")
+    p.add_argument("--f", required=True, help="f's checkpoint (safetensors, .pt/.pth state_dict, Lightning .ckpt, "
+                   "HF checkpoint folder, memsurgery export)")
+    p.add_argument("--g", help="the twin g's checkpoint (needs --split)")
+    p.add_argument("--split", help="the twin split JSON (memsurgery split)")
+    p.add_argument("--data", required=True, help="the training data: an ImageFolder path or a dataset name (digits, cifar10-jpeg)")
+    p.add_argument("--never-seen", help="data f never trained on (e.g. the test folder), for the single-encoder estimate")
+    p.add_argument("--arch", help="architecture: resnet9, resnet18, a timm or torchvision name (not needed for memsurgery exports)")
+    p.add_argument("--arch-kwargs", help="constructor arguments as JSON, e.g. '{\"cifar_stem\": true}'")
+    p.add_argument("--prefix", help="key prefix of the encoder inside the checkpoint (e.g. backbone.), if not found alone")
+    p.add_argument("--candidates", type=int, default=500, help="without --split: training points to probe (seeded sample)")
+    p.add_argument("--max-points", type=int, help="cap every split at this many points (seeded)")
+    p.add_argument("--size", type=int, help="resize images to SIZE x SIZE (f's input size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", nargs="+", help="LayerMem layers: a preset (auto) or names / wildcards")
+    p.add_argument("--unit-layers", nargs="+", help="UnitMem layers")
+    p.add_argument("--views", help="view preset (weak, normal, strong, ...)")
+    p.add_argument("--mean", type=float, nargs="+")
+    p.add_argument("--std", type=float, nargs="+")
+    p.add_argument("--num-pairs", type=int)
+    p.add_argument("-o", "--output", default="audit", help="report folder (default: audit)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    from .data import twin_split
+
+    n = args.n
+    if n is None:
+        from .audit import load_data
+
+        n = len(load_data(args.data, progress=True))
+    split = twin_split(n, args.shared, args.candidates, args.independent, args.extra, seed=args.seed)
+    split.save_json(args.output)
+    sizes = ", ".join(f"{k} {v}" for k, v in split.sizes.items())
+    print(f"twin split of {n} points (seed {args.seed}): {sizes} -> {args.output}")
+    print("f trains on split.subset(dataset, 'f') (shared + candidates), g on split.subset(dataset, 'g')")
+    return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from .audit import main_args
+    from .recipe import format_summary
+
+    summary = main_args(args)
+    print(format_summary(summary))
+    print(f"report written to {args.output}/report.html (summary.json, summary.md, scores.json)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command in ("split", "audit"):
+        try:
+            return _run_split(args) if args.command == "split" else _run_audit(args)
+        except (FileNotFoundError, ValueError, TypeError, TimeoutError) as e:
+            print(f"memsurgery {args.command}: error: {e}", file=sys.stderr)
+            return 2
     import dataclasses
 
     from .config import ConfigError

@@ -184,18 +184,9 @@ def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses: tu
         {"epoch": step // steps_per_epoch, **{layer: m.get(f"layermem/{layer}") for layer in res.layers}}
         for step, m in mon.history
     ]
-    twin = [final.get(f"layermem/{layer}", float("nan")) for layer in res.layers]
-    est = [final.get(f"layermem_est/{layer}", float("nan")) for layer in res.layers]
-    comparison: dict[str, Any] = {}
-    if all(v == v for v in twin + est) and len(twin) > 2:  # no NaN
-        from scipy.stats import spearmanr
-
-        top = lambda v: {res.layers[i] for i in sorted(range(len(v)), key=lambda i: -v[i])[:3]}  # noqa: E731
-        comparison = {"spearman": float(spearmanr(twin, est).statistic), "top3_twin": sorted(top(twin)),
-                      "top3_estimate": sorted(top(est)), "top3_agree": top(twin) == top(est)}
     return {
         "config": _jsonable(asdict(cfg)),
-        "estimate_vs_twin": comparison,
+        "estimate_vs_twin": estimate_vs_twin(res.layers, final),
         "layers": list(res.layers),
         "unit_layers": list(res.unit_layers),
         "final": final,
@@ -204,6 +195,22 @@ def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses: tu
         "loss": {"f": losses_f, "g": losses_g},
         "seconds": seconds,
     }
+
+
+def estimate_vs_twin(layers: tuple[str, ...] | list[str], final: dict[str, float]) -> dict[str, Any]:
+    """How the single-encoder estimate ranks the layers against the twin LayerMem: Spearman's
+    rho and whether the top 3 agree (empty without both, or with fewer than 3 layers)."""
+    twin = [final.get(f"layermem/{layer}", float("nan")) for layer in layers]
+    est = [final.get(f"layermem_est/{layer}", float("nan")) for layer in layers]
+    if not (all(v == v for v in twin + est) and len(twin) > 2):  # NaN: a value is missing
+        return {}
+    from scipy.stats import spearmanr
+
+    def top(v: list[float]) -> set[str]:
+        return {layers[i] for i in sorted(range(len(v)), key=lambda i: -v[i])[:3]}
+
+    return {"spearman": float(spearmanr(twin, est).statistic), "top3_twin": sorted(top(twin)),
+            "top3_estimate": sorted(top(est)), "top3_agree": top(twin) == top(est)}
 
 
 def _jsonable(x: Any) -> Any:
@@ -216,8 +223,9 @@ def _jsonable(x: Any) -> Any:
 
 def format_summary(s: dict[str, Any]) -> str:
     m = s["final"]
-    lines = ["| layer | LayerMem | ΔLayerMem | LayerMem on never-seen (extra) | corrected | UnitMem mean | ClassMem mean |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| layer | LayerMem | ΔLayerMem | LayerMem on never-seen (extra) | corrected | single-encoder estimate "
+             "| UnitMem mean | ClassMem mean |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(key: str, fmt: str = "+.4f") -> str:
         v = m.get(key)
@@ -226,20 +234,23 @@ def format_summary(s: dict[str, Any]) -> str:
     for layer in s["layers"]:
         lines.append(
             f"| {layer} | {cell(f'layermem/{layer}')} | {cell(f'delta_layermem/{layer}')} | {cell(f'layermem_extra/{layer}')} "
-            f"| {cell(f'layermem_corrected/{layer}')} | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |"
+            f"| {cell(f'layermem_corrected/{layer}')} | {cell(f'layermem_est/{layer}')} "
+            f"| {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |"
         )
     for layer in s["unit_layers"]:
         if layer not in s["layers"]:
-            lines.append(f"| {layer} |  |  |  |  | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |")
+            lines.append(f"| {layer} |  |  |  |  |  | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |")
     c = s.get("estimate_vs_twin") or {}
     if c:
         lines += ["", f"Single-encoder estimate vs twin LayerMem across layers: Spearman {c['spearman']:+.2f}; "
                   f"top-3 layers twin {', '.join(c['top3_twin'])} / estimate {', '.join(c['top3_estimate'])} "
                   f"({'agree' if c['top3_agree'] else 'differ'})."]
-    lines += ["", "Final-layer SSLMem' mean per split:", "", "| split | mean SSLMem' |", "|---|---:|"]
-    lines += [f"| {k.split('/', 1)[1]} | {v:+.4f} |" for k, v in m.items() if k.startswith("sslmem/") and k != "sslmem/final_mean"]
-    lines += ["", "| one-sided Welch t-test | p |", "|---|---:|"]
-    lines += [f"| {k.split('/', 1)[1]} | {v:.2g} |" for k, v in m.items() if k.startswith("ttest_p/")]
+    splits = [f"| {k.split('/', 1)[1]} | {v:+.4f} |" for k, v in m.items() if k.startswith("sslmem/") and k != "sslmem/final_mean"]
+    if splits:
+        lines += ["", "Final-layer SSLMem' mean per split:", "", "| split | mean SSLMem' |", "|---|---:|", *splits]
+    tests = [f"| {k.split('/', 1)[1]} | {v:.2g} |" for k, v in m.items() if k.startswith("ttest_p/")]
+    if tests:
+        lines += ["", "| one-sided Welch t-test | p |", "|---|---:|", *tests]
     if s["layermem_curve"]:
         deep = s["layers"][-3:]
         lines += ["", "LayerMem over training (candidates):", "", "| epoch | " + " | ".join(deep) + " |",
