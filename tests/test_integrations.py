@@ -22,7 +22,8 @@ def _load(name: str):
 
 # lightning's own pytree helper trips a torch deprecation warning (not our code)
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning", "ignore:.*LeafSpec.*:FutureWarning", "ignore::UserWarning:lightning")
-def test_lightning_callback(tmp_path, count_hooks):
+@pytest.mark.filterwarnings("ignore:The function `to_tensor:UserWarning")
+def test_lightning_callback(tmp_path, count_hooks, demo_folder):
     pytest.importorskip("lightning")
     import lightning as L
     from memsurgery.integrations.lightning import MemorizationCallback
@@ -38,26 +39,29 @@ def test_lightning_callback(tmp_path, count_hooks):
     mp = pytest.MonkeyPatch()
     mp.setattr(L.Trainer, "fit", fit)
     try:
-        final = ex.main(["--steps", "4", "--every", "2", "--output", str(tmp_path)])
+        final = ex.main(["--data", str(demo_folder), "--steps", "4", "--every", "2", "--batch-size", "8",
+                         "--max-points", "12", "--output", str(tmp_path)])
     finally:
         mp.undo()
     trainer = captured["trainer"]
     cb = next(c for c in trainer.callbacks if isinstance(c, MemorizationCallback))
     assert [s for s, _ in cb.monitor.history] == [2, 4]
-    assert "memsurgery/layermem_est/res6" in trainer.callback_metrics
-    assert float(trainer.callback_metrics["memsurgery/layermem_est/res6"]) == pytest.approx(final["layermem_est/res6"], abs=1e-6)
+    assert "memsurgery/layermem_est/layer4.1" in trainer.callback_metrics
+    assert float(trainer.callback_metrics["memsurgery/layermem_est/layer4.1"]) == pytest.approx(final["layermem_est/layer4.1"], abs=1e-6)
     assert cb.state_dict() == cb.monitor.state_dict() and cb.state_key == "memsurgery_monitor"
     assert count_hooks(captured["module"]) == 0
     assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_hf_trainer_callback(tmp_path):
+@pytest.mark.filterwarnings("ignore:The function `to_tensor:UserWarning")
+def test_hf_trainer_callback(tmp_path, demo_folder):
     pytest.importorskip("transformers")
     from memsurgery.integrations.hf import SIDECAR, MemorizationTrainerCallback
 
     ex = _load("hf_simclr")
-    history = ex.main(["--steps", "4", "--every", "2", "--output", str(tmp_path)])
-    logged = {row["step"]: row for row in history if "memsurgery/layermem_est/res6" in row}
+    history = ex.main(["--data", str(demo_folder), "--steps", "4", "--every", "2", "--batch-size", "8",
+                       "--max-points", "12", "--output", str(tmp_path)])
+    logged = {row["step"]: row for row in history if "memsurgery/layermem_est/layer4.1" in row}
     assert sorted(logged) == [2, 4]
     sidecar = tmp_path / "checkpoint-4" / SIDECAR
     assert sidecar.is_file()
@@ -71,7 +75,7 @@ def test_hf_trainer_callback(tmp_path):
     cb = MemorizationTrainerCallback(FakeMonitor())
     cb.load_sidecar(tmp_path / "checkpoint-4")
     assert [s for s, _ in cb.monitor.state["history"]] == [2, 4]
-    assert cb.monitor.state["history"][-1][1]["layermem_est/res6"] == pytest.approx(logged[4]["memsurgery/layermem_est/res6"])
+    assert cb.monitor.state["history"][-1][1]["layermem_est/layer4.1"] == pytest.approx(logged[4]["memsurgery/layermem_est/layer4.1"])
     with pytest.raises(FileNotFoundError, match=r"no memsurgery_monitor\.pt"):
         cb.load_sidecar(tmp_path)
 
@@ -88,8 +92,10 @@ def test_missing_framework_names_the_pip_package(module, package):
     assert f"pip install {package}" in out
 
 
-def test_plain_accelerate_loop_example(tmp_path):
+def test_plain_accelerate_loop_example(tmp_path, demo_folder):
     ex = _load("accelerate_loop")
-    final = ex.main(["--steps", "4", "--every", "2", "--output", str(tmp_path)])
-    assert {"layermem/conv8", "layermem_corrected/conv8", "layermem_est/conv8", "sslmem/candidates"} <= set(final)
+    final = ex.main(["--data", str(demo_folder), "--epochs", "2", "--batch-size", "8", "--max-points", "9",
+                     "--output", str(tmp_path)])
+    assert {"layermem/layer4.1", "delta_layermem/layer4.1", "sslmem/candidates",
+            "sslmem/independent", "ttest_p/candidates>independent"} <= set(final)
     assert any((tmp_path / "tb").glob("events.out.tfevents.*"))

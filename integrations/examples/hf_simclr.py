@@ -1,77 +1,87 @@
-"""Runnable example: SimCLR ResNet9 on the embedded digits with the HF ``transformers.Trainer``, monitored.
+"""Runnable example: SimCLR (torchvision resnet18 backbone, lightly's transform, head and loss)
+trained with the Hugging Face ``transformers.Trainer``, monitored.
 
-    python integrations/examples/hf_simclr.py --steps 200 --output runs/hf
+    python integrations/examples/hf_simclr.py --data <root with train/ and test/> --steps 200
 
-The monitor's results appear in the Trainer's logs under ``memsurgery/``, and each checkpoint
-gets a ``memsurgery_monitor.pt`` sidecar.
+The Trainer calls ``forward(**batch)`` and reads ``loss``; the monitor probes the backbone every
+``--every`` optimizer steps and its results appear in the Trainer's logs (``log_history``) under
+``memsurgery/``; each checkpoint gets a ``memsurgery_monitor.pt`` sidecar. Without ``--data`` it
+trains on scikit-learn's digits written as an ImageFolder (no download).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
+import torchvision
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from lightly.transforms import SimCLRTransform
 from memsurgery.integrations.hf import MemorizationTrainerCallback
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import memsurgery
-from memsurgery.data import load_digits_images, twin_split
-from memsurgery.models import build_encoder
-from memsurgery.objectives import build_objective
-from memsurgery.probe import ProbeConfig
-from memsurgery.views import ViewConfig, make_views
 
 
-class SimCLRForTrainer(nn.Module):
-    """The Trainer calls forward(**batch) and reads ``loss`` from the output."""
-
+class SimCLR(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.objective = build_objective("simclr", build_encoder("resnet9"))
-        self.views = ViewConfig(preset="normal", seed=1)
-        self.calls = 0
+        resnet = torchvision.models.resnet18()
+        self.backbone = nn.Sequential(*list(resnet.children())[:-1])
+        self.projection_head = SimCLRProjectionHead(512, 512, 128)
+        self.criterion = NTXentLoss()
 
-    @property
-    def encoder(self) -> nn.Module:
-        """The encoder the monitor probes (registered once, inside the objective)."""
-        return self.objective.encoder
-
-    def forward(self, pixels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        v = 2 * self.calls
-        self.calls += 1
-        return {"loss": self.objective([make_views(pixels, index, v, self.views), make_views(pixels, index, v + 1, self.views)])}
+    def forward(self, view0: torch.Tensor, view1: torch.Tensor) -> dict[str, torch.Tensor]:
+        z0 = self.projection_head(self.backbone(view0).flatten(1))
+        z1 = self.projection_head(self.backbone(view1).flatten(1))
+        return {"loss": self.criterion(z0, z1)}
 
 
-class Digits(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, indices: torch.Tensor) -> None:
-        self.images, self.indices = images, indices
+class TwoViewDataset(torch.utils.data.Dataset):
+    """The Trainer wants dict items: the two views of lightly's transform."""
+
+    def __init__(self, folder: torchvision.datasets.ImageFolder) -> None:
+        self.folder = folder
 
     def __len__(self) -> int:
-        return self.indices.numel()
+        return len(self.folder)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j = self.indices[i]
-        return {"pixels": self.images[j], "index": j}
+        (v0, v1), _ = self.folder[i]
+        return {"view0": v0, "view1": v1}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="folder holding train/ and test/ ImageFolders (default: the digits)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--max-points", type=int, default=500)
     ap.add_argument("--output", default="runs/hf")
     args = ap.parse_args(argv)
+    if args.data is None:
+        from memsurgery.data import demo_image_folder
+
+        args.data = str(demo_image_folder(size=args.input_size))
     torch.manual_seed(0)
-    images, _ = load_digits_images(16)
-    split = twin_split(len(images), 400, 100, 0, 100, seed=0)
-    model = SimCLRForTrainer()
-    probe = memsurgery.ProbeSet(images, split.candidates, {"extra": split.extra})
-    cfg = ProbeConfig(num_pairs=2, num_unit_views=4, unit_layers=("conv7", "conv8"))
-    mon = memsurgery.Monitor(model.encoder, probe, config=cfg, every_n_steps=args.every, log_dir=f"{args.output}/tb")
-    targs = TrainingArguments(output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=100,
-                              learning_rate=3e-3, logging_steps=args.every, save_steps=args.every, report_to=[],
-                              use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=Digits(images, split.train_f),
+    model = SimCLR()
+    transform = SimCLRTransform(input_size=args.input_size, gaussian_blur=0.0)
+    folder = torchvision.datasets.ImageFolder(os.path.join(args.data, "train"), transform=transform)
+
+    test = torchvision.datasets.ImageFolder(os.path.join(args.data, "test"))
+    probe = memsurgery.ProbeSet.from_datasets(folder, range(len(folder)), never_seen=test, max_points=args.max_points)
+    mon = memsurgery.Monitor(model.backbone, probe, config=memsurgery.ProbeConfig(views=transform),
+                             every_n_steps=args.every, log_dir=os.path.join(args.output, "tb"))
+    targs = TrainingArguments(output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                              learning_rate=0.06, optim="sgd", logging_steps=args.every, save_steps=args.every,
+                              report_to=[], dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+                              use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=targs, train_dataset=TwoViewDataset(folder),
                       callbacks=[MemorizationTrainerCallback(mon)])
     trainer.train()
     mon.close()

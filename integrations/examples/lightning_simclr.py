@@ -1,69 +1,81 @@
-"""Runnable example: SimCLR ResNet9 on the embedded digits with PyTorch Lightning, monitored.
+"""Runnable example: lightly's SimCLR as a PyTorch Lightning module (lightly's documented
+Lightning style), monitored with memsurgery's Lightning callback.
 
-    python integrations/examples/lightning_simclr.py --steps 200 --output runs/lightning
+    python integrations/examples/lightning_simclr.py --data <root with train/ and test/> --epochs 10
 
-Probes every ``--every`` steps (single-encoder mode: LayerMem is estimated from never-seen digits)
-and writes TensorBoard logs under ``<output>/tb``.
+The monitor estimates LayerMem of the backbone from never-seen points (the test folder) every
+``--every`` steps, with the training transform's views; its results go to Lightning's logger
+(``self.log_dict``, under ``memsurgery/``) and to TensorBoard under ``<output>/tb``. Without
+``--data`` it trains on scikit-learn's digits written as an ImageFolder (no download).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import lightning as L
 import torch
+import torchvision
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from lightly.transforms import SimCLRTransform
 from memsurgery.integrations.lightning import MemorizationCallback
 from torch import nn
 
 import memsurgery
-from memsurgery.data import load_digits_images, twin_split
-from memsurgery.models import build_encoder
-from memsurgery.objectives import build_objective
-from memsurgery.probe import ProbeConfig
-from memsurgery.views import ViewConfig, make_views
 
 
-class SimCLRModule(L.LightningModule):
-    def __init__(self, lr: float = 3e-3) -> None:
+class SimCLR(L.LightningModule):
+    def __init__(self) -> None:
         super().__init__()
-        self.objective = build_objective("simclr", build_encoder("resnet9"))
-        self.views = ViewConfig(preset="normal", seed=1)
-        self.lr = lr
+        resnet = torchvision.models.resnet18()
+        self.backbone = nn.Sequential(*list(resnet.children())[:-1])
+        self.projection_head = SimCLRProjectionHead(512, 512, 128)
+        self.criterion = NTXentLoss()
 
-    @property
-    def encoder(self) -> nn.Module:
-        """The encoder the monitor probes (registered once, inside the objective)."""
-        return self.objective.encoder
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, idx = batch
-        step = self.global_step
-        loss = self.objective([make_views(x, idx, 2 * step, self.views), make_views(x, idx, 2 * step + 1, self.views)])
-        self.log("loss", loss)
+    def training_step(self, batch, batch_idx):
+        x0, x1 = batch[0]
+        loss = self.criterion(self.forward(x0), self.forward(x1))
+        self.log("train_loss", loss)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.06)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--data", help="folder holding train/ and test/ ImageFolders (default: the digits)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=-1, help="stop after this many steps (-1: run all epochs)")
+    ap.add_argument("--every", type=int, default=50, help="probe every N training steps")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--max-points", type=int, default=500)
     ap.add_argument("--output", default="runs/lightning")
     args = ap.parse_args(argv)
+    if args.data is None:
+        from memsurgery.data import demo_image_folder
+
+        args.data = str(demo_image_folder(size=args.input_size))
     torch.manual_seed(0)
-    images, _ = load_digits_images(16)
-    split = twin_split(len(images), 400, 100, 0, 100, seed=0)
-    train = torch.utils.data.TensorDataset(images[split.train_f], split.train_f)
-    loader = torch.utils.data.DataLoader(train, batch_size=100, shuffle=True, drop_last=True)
-    module = SimCLRModule()
-    probe = memsurgery.ProbeSet(images, split.candidates, {"extra": split.extra})
-    cfg = ProbeConfig(num_pairs=2, num_unit_views=4, unit_layers=("conv7", "conv8"))
-    mon = memsurgery.Monitor(module.encoder, probe, config=cfg, every_n_steps=args.every, log_dir=f"{args.output}/tb")
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[MemorizationCallback(mon)])
-    trainer.fit(module, loader)
+    model = SimCLR()
+    transform = SimCLRTransform(input_size=args.input_size, gaussian_blur=0.0)
+    dataset = torchvision.datasets.ImageFolder(os.path.join(args.data, "train"), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
+
+    test = torchvision.datasets.ImageFolder(os.path.join(args.data, "test"))
+    probe = memsurgery.ProbeSet.from_datasets(dataset, range(len(dataset)), never_seen=test, max_points=args.max_points)
+    mon = memsurgery.Monitor(model.backbone, probe, config=memsurgery.ProbeConfig(views=transform),
+                             every_n_steps=args.every, log_dir=os.path.join(args.output, "tb"))
+    trainer = L.Trainer(max_epochs=args.epochs, max_steps=args.steps, accelerator="auto", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[MemorizationCallback(mon)])
+    trainer.fit(model, loader)
     final = mon.compute()
     print({k: round(v, 4) for k, v in final.items() if k.startswith("layermem_est/")})
     return final
