@@ -76,7 +76,8 @@ def split_normalize(transform: Any) -> tuple[Any, tuple[tuple[float, ...], tuple
                 kept = []
                 for item in value:
                     if isinstance(item, types):
-                        found.append((_as_floats(item.mean), _as_floats(item.std)))
+                        norm: Any = item
+                        found.append((_as_floats(norm.mean), _as_floats(norm.std)))
                     else:
                         kept.append(walk(item, depth + 1))
                 new_value: Any = type(value)(kept) if isinstance(value, tuple) else kept

@@ -55,15 +55,15 @@ def check_images(x: torch.Tensor, what: str = "probe images") -> None:
             "the range) or float in [0, 1] (images / 255)"
         )
     if x.is_floating_point() and x.numel():
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -_FLOAT_TOL:
+        flo, fhi = float(x.min()), float(x.max())
+        if flo < -_FLOAT_TOL:
             raise ValueError(
-                f"{what} span [{lo:.3f}, {hi:.3f}]: they are already normalized. Give un-normalized pixels in [0, 1] "
+                f"{what} span [{flo:.3f}, {fhi:.3f}]: they are already normalized. Give un-normalized pixels in [0, 1] "
                 "(the views are drawn on pixels) and the normalization as ProbeConfig(normalize={'mean': ..., 'std': ...})"
             )
-        if hi > 1 + _FLOAT_TOL:
+        if fhi > 1 + _FLOAT_TOL:
             raise ValueError(
-                f"{what} are float in [{lo:.3f}, {hi:.3f}]: pixels in [0, 255] as floats. Divide by 255 or pass "
+                f"{what} are float in [{flo:.3f}, {fhi:.3f}]: pixels in [0, 255] as floats. Divide by 255 or pass "
                 "uint8 images"
             )
 
