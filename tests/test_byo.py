@@ -102,18 +102,27 @@ def test_auto_layers_and_readable_tags(build, first, last, last_path, probe, cou
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_ddp_wrapper_gives_the_plain_model_names_and_values(probe, tmp_path):
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
+def test_ddp_and_fsdp_wrappers_give_the_plain_model_names_and_values(probe, tmp_path):
     import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torchvision.models.resnet import BasicBlock
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         plain = _resnet18()
         ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(plain))
+        # FSDP around every residual block and the model: paths hold `_fsdp_wrapped_module` segments
+        fsdp = FullyShardedDataParallel(copy.deepcopy(plain), device_id=torch.device("cpu"), use_orig_params=True,
+                                        auto_wrap_policy=ModuleWrapPolicy({BasicBlock}))
+        assert any("_fsdp_wrapped_module" in n for n, _ in fsdp.named_modules())
         a = Monitor(plain, probe, config=ProbeConfig(**TINY)).compute()
         b = Monitor(ddp, probe, config=ProbeConfig(**TINY)).compute()
+        c = Monitor(fsdp, probe, config=ProbeConfig(**TINY)).compute()
     finally:
         dist.destroy_process_group()
-    assert a == b and "layermem_est/layer4.1" in b
+    assert a == b == c and "layermem_est/layer4.1" in b
 
 
 def test_wrapping_changes_neither_names_nor_numbers(probe):

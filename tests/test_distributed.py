@@ -39,6 +39,7 @@ def test_two_processes_equal_one(tmp_path):
     assert a["world"] == 1 and b["world"] == 2
     assert torch.equal(a["indices"], b["indices"])
     torch.testing.assert_close(b["sslmem"], a["sslmem"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(b["custom_sslmem"], a["custom_sslmem"], rtol=0, atol=1e-5)  # a user transform's views
     assert a["layermem"].keys() == b["layermem"].keys()
     for k in a["layermem"]:
         assert abs(a["layermem"][k] - b["layermem"][k]) <= 1e-5

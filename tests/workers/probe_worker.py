@@ -48,6 +48,14 @@ def main(out: str) -> None:
     labels = torch.arange(23) % 4
     cfg = ProbeConfig(num_pairs=2, num_unit_views=3, batch_size=4, progress=False)
     res = run_probe(f, images, range(1, 22), reference=g, labels=labels, config=cfg)
+    # the user's own view transform (torchvision v2, per image): every rank must draw the same views
+    from dataclasses import replace
+
+    from torchvision.transforms import v2
+
+    custom = v2.Compose([v2.RandomResizedCrop(16, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                         v2.ColorJitter(0.4, 0.4, 0.4)])
+    res_custom = run_probe(f, images, range(1, 22), reference=g, config=replace(cfg, views=custom, unit_layers=None))
     surgery = _surgery(f, {k: v.scores for k, v in res.unitmem.items()})
     every_rank = [surgery]
     if acc.num_processes > 1:
@@ -59,7 +67,7 @@ def main(out: str) -> None:
             "indices": res.indices, "sslmem": res.sslmem, "layermem": res.layermem,
             "unitmem": {k: (v.scores, v.argmax) for k, v in res.unitmem.items()},
             "classmem": {k: (v.scores, v.argmax) for k, v in res.classmem.items()},
-            "surgery": every_rank,
+            "surgery": every_rank, "custom_sslmem": res_custom.sslmem,
         }, out)
     acc.wait_for_everyone()
 
