@@ -5,8 +5,9 @@
 
 The monitor steps at every optimizer step (``state.global_step``); the latest probe results are
 added to the Trainer's ``logs`` (``on_log``) under ``memsurgery/``; at every checkpoint the
-monitor's state is written next to it as ``memsurgery_monitor.pt`` (``on_save``), which
-:meth:`MemorizationTrainerCallback.load_sidecar` reads back when resuming.
+monitor's state is written next to it as ``memsurgery_monitor.json`` (``on_save``; JSON, so
+reading it back never unpickles anything), which :meth:`MemorizationTrainerCallback.load_sidecar`
+reads back when resuming.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ._common import prefixed, require
 
 _tf = require("transformers", "transformers", "memsurgery.integrations.hf")
 
-SIDECAR = "memsurgery_monitor.pt"
+SIDECAR = "memsurgery_monitor.json"
 
 
 class MemorizationTrainerCallback(_tf.TrainerCallback):  # type: ignore[misc,name-defined]
@@ -41,21 +42,27 @@ class MemorizationTrainerCallback(_tf.TrainerCallback):  # type: ignore[misc,nam
             self.pending = {}
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        import torch
+        import json
+
+        from memsurgery._io import atomic_write
 
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.monitor.state_dict(), folder / SIDECAR)
+            text = json.dumps(self.monitor.state_dict())
+            atomic_write(folder / SIDECAR, lambda fh: fh.write(text.encode()))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.monitor.close()
 
     def load_sidecar(self, checkpoint_dir: str | Path) -> None:
         """Restore the monitor from the sidecar of a Trainer checkpoint folder."""
-        import torch
+        import json
 
         path = Path(checkpoint_dir) / SIDECAR
         if not path.is_file():
             raise FileNotFoundError(f"no {SIDECAR} in {checkpoint_dir}: was the checkpoint written with this callback?")
-        self.monitor.load_state_dict(torch.load(path, weights_only=False))
+        try:
+            state = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a memsurgery monitor state (invalid JSON: {e})") from e
+        self.monitor.load_state_dict(state)

@@ -76,7 +76,7 @@ def test_hf_trainer_callback(tmp_path, demo_folder):
     cb.load_sidecar(tmp_path / "checkpoint-4")
     assert [s for s, _ in cb.monitor.state["history"]] == [2, 4]
     assert cb.monitor.state["history"][-1][1]["layermem_est/layer4.1"] == pytest.approx(logged[4]["memsurgery/layermem_est/layer4.1"])
-    with pytest.raises(FileNotFoundError, match=r"no memsurgery_monitor\.pt"):
+    with pytest.raises(FileNotFoundError, match=r"no memsurgery_monitor\.json"):
         cb.load_sidecar(tmp_path)
 
 

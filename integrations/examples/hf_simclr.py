@@ -5,7 +5,7 @@ trained with the Hugging Face ``transformers.Trainer``, monitored.
 
 The Trainer calls ``forward(**batch)`` and reads ``loss``; the monitor probes the backbone every
 ``--every`` optimizer steps and its results appear in the Trainer's logs (``log_history``) under
-``memsurgery/``; each checkpoint gets a ``memsurgery_monitor.pt`` sidecar. Without ``--data`` it
+``memsurgery/``; each checkpoint gets a ``memsurgery_monitor.json`` sidecar. Without ``--data`` it
 trains on scikit-learn's digits written as an ImageFolder (no download).
 """
 
