@@ -221,7 +221,7 @@ def save_trained(run: RunFolder, name: str, model: torch.nn.Module, cfg: Any, im
 
     meta = {"arch": {"name": cfg.model.name, "kwargs": model_kwargs(cfg, images)},
             "input_shape": [1, *images.shape[1:]]}
-    return run.save(name, model, meta, options=dataclasses.asdict(cfg.probe),
+    return run.save(name, model, meta, options=cfg.probe.options(),
                     extra={"stage": "train", "config": json.loads(json.dumps(dataclasses.asdict(cfg.train), default=str))})
 
 

@@ -178,28 +178,47 @@ def test_dino_style_module_with_two_backbones_names_them(probe):
 
 
 # ---------------------------------------------------------------- late errors now raise at build
-def test_every_bad_input_raises_when_the_monitor_or_probe_is_built(images, probe):
+CAND, EXTRA = torch.arange(8), {"extra": torch.arange(8, 16)}
+BAD_INPUTS = {
+    "float-0-255": (lambda im, p, f, d: ProbeSet(im.float(), CAND, EXTRA), ValueError,
+                    r"float in \[0.000, 25\d.000\].*Divide by 255"),
+    "int64": (lambda im, p, f, d: ProbeSet(im.long(), CAND, EXTRA), TypeError, r"torch.int64.*give uint8.*or float in \[0, 1\]"),
+    "normalized": (lambda im, p, f, d: ProbeSet(im.float() / 127.5 - 1, CAND, EXTRA), ValueError,
+                   r"already normalized.*ProbeConfig\(normalize="),
+    "nhwc": (lambda im, p, f, d: ProbeSet(im.permute(0, 2, 3, 1), CAND, EXTRA), ValueError,
+             r"channels-last \(NHWC.*permute\(0, 3, 1, 2\)"),
+    "duplicate-candidates": (lambda im, p, f, d: ProbeSet(im, torch.tensor([1, 1, 2]), EXTRA), ValueError, "lists index 1 twice"),
+    "candidate-out-of-range": (lambda im, p, f, d: ProbeSet(im, torch.tensor([1, 2, 16]), EXTRA), ValueError,
+                               r"index 16 is out of range.*valid: 0..15"),
+    "labels-length": (lambda im, p, f, d: ProbeSet(im, CAND, EXTRA, labels=torch.arange(10)), ValueError,
+                      r"one label per item.*\(16\), got 10"),
+    "bad-layer": (lambda im, p, f, d: Monitor(f, p, config=ProbeConfig(layers=["layer4.2"])), ValueError,
+                  r"no layer 'layer4.2'.*Closest.*layer4.1"),
+    "bad-final-layer": (lambda im, p, f, d: Monitor(f, p, config=ProbeConfig(final_layer="layer9", **TINY)), ValueError,
+                        "final_layer 'layer9' is not"),
+    "reference-architecture": (lambda im, p, f, d: Monitor(f, p, reference=nn.Sequential(nn.Conv2d(3, 8, 3))), ValueError,
+                               "same architecture"),
+    "reference-path": (lambda im, p, f, d: Monitor(f, p, reference=d / "nowhere" / "g"), FileNotFoundError,
+                       "neither a checkpoint file nor a folder"),
+    "reference-checkpoint": (lambda im, p, f, d: Monitor(f, p, reference=d / "g"), ValueError, "do not fit the model"),
+    "normalization-channels": (lambda im, p, f, d: Monitor(f, p, config=ProbeConfig(mean=(0.5, 0.5), std=(0.2, 0.2))),
+                               ValueError, "2 values but the probe images have 3"),
+    "view-preset": (lambda im, p, f, d: ProbeConfig(views="strnog"), ValueError, "Did you mean 'strong'"),
+    "layer-runs-twice": (lambda im, p, f, d: Monitor(nn.Sequential(*list(f.children())[:-1]), p,
+                                                     config=ProbeConfig(layers="**", unit_layers=None)),
+                         ValueError, r"dry run.*ran 2 times.*select a module that runs once"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_when_the_probe_set_or_monitor_is_built(case, images, probe, tmp_path):
+    """Each error comes before any training step, says what is wrong and names the fix."""
+    (tmp_path / "g").mkdir()
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3)).state_dict(), tmp_path / "g" / "step_0.pt")  # another model's weights
+    build, exc, match = BAD_INPUTS[case]
     f = _resnet18()
-    cand, extra = torch.arange(8), {"extra": torch.arange(8, 16)}
-    cases = [
-        (lambda: ProbeSet(images.float(), cand, extra), ValueError, r"float in \[0.000, 25\d.000\].*Divide by 255"),
-        (lambda: ProbeSet(images.long(), cand, extra), TypeError, r"torch.int64.*give uint8.*or float in \[0, 1\]"),
-        (lambda: ProbeSet(images.float() / 127.5 - 1, cand, extra), ValueError, r"already normalized.*ProbeConfig\(normalize="),
-        (lambda: ProbeSet(images.permute(0, 2, 3, 1), cand, extra), ValueError, r"channels-last \(NHWC.*permute\(0, 3, 1, 2\)"),
-        (lambda: ProbeSet(images, torch.tensor([1, 1, 2]), extra), ValueError, "lists index 1 twice"),
-        (lambda: ProbeSet(images, torch.tensor([1, 2, 16]), extra), ValueError, r"index 16 is out of range.*valid: 0..15"),
-        (lambda: ProbeSet(images, cand, extra, labels=torch.arange(10)), ValueError, r"one label per item.*\(16\), got 10"),
-        (lambda: Monitor(f, probe, config=ProbeConfig(layers=["layer4.2"])), ValueError, r"no layer 'layer4.2'.*Closest.*layer4.1"),
-        (lambda: Monitor(f, probe, config=ProbeConfig(final_layer="layer9", **TINY)), ValueError, "final_layer 'layer9' is not"),
-        (lambda: Monitor(f, probe, reference=nn.Sequential(nn.Conv2d(3, 8, 3))), ValueError, "same architecture"),
-        (lambda: Monitor(f, probe, config=ProbeConfig(mean=(0.5, 0.5), std=(0.2, 0.2))), ValueError, "2 values but the probe images have 3"),
-        (lambda: ProbeConfig(views="strnog"), ValueError, "Did you mean 'strong'"),
-        (lambda: Monitor(nn.Sequential(*list(f.children())[:-1]), probe, config=ProbeConfig(layers="**", unit_layers=None)),
-         ValueError, r"dry run.*ran 2 times.*select a module that runs once"),
-    ]
-    for build, exc, match in cases:
-        with pytest.raises(exc, match=match):
-            build()
+    with pytest.raises(exc, match=match):
+        build(images, probe, f, tmp_path)
 
 
 def test_views_given_as_a_preset_name():
