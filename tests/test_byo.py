@@ -356,3 +356,27 @@ def test_custom_view_that_changes_the_size_is_refused_at_build(probe):
 def test_top_level_exports():
     for name in ("ProbeSet", "Monitor", "ProbeConfig", "CustomViews", "Lockstep", "TwinRun", "twin_split", "TwinSplit"):
         assert getattr(memsurgery, name) is not None
+
+
+def test_torchvision_cifar10_with_its_training_transform(images):
+    """torchvision's own CIFAR10 class (built without its files: the data set by hand), carrying a
+    torchvision v1 training pipeline that only takes PIL images."""
+    import torchvision
+    from torchvision import transforms as T
+    from torchvision.datasets.vision import StandardTransform
+
+    train_t = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip(), T.ToTensor(),
+                         T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))])
+    ds = torchvision.datasets.CIFAR10.__new__(torchvision.datasets.CIFAR10)
+    ds.data = images.permute(0, 2, 3, 1).numpy()  # CIFAR10 keeps NHWC uint8 arrays
+    ds.targets = [i % 10 for i in range(len(images))]
+    ds.classes = [f"c{i}" for i in range(10)]
+    ds.transform, ds.target_transform = train_t, None
+    ds.transforms = StandardTransform(train_t, None)
+    assert ds[0][0].min() < 0  # what the training loop sees: normalized tensors
+    probe = ProbeSet.from_datasets(ds, range(8), never_seen=range(8, 16))
+    assert torch.equal(probe.images.images, images) and probe.images.describe(3)["class"] == "c3"
+    cfg = ProbeConfig(views=train_t, num_pairs=1, num_unit_views=2)  # v1 ToTensor needs PIL: found at the dry run
+    assert cfg.mean == (0.49, 0.48, 0.45)
+    out = Monitor(_resnet18(), probe, config=cfg).compute()
+    assert cfg.views.describe()["input"] == "pil" and "layermem_est/layer4.1" in out
