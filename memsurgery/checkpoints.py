@@ -18,10 +18,13 @@ probe, or takes the newest one, as the user chooses.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import glob
 import json
 import os
+import pathlib
+import pickle
 import re
 import time
 import warnings
@@ -37,20 +40,72 @@ from ._io import sha256_files
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 MISSING = ("wait", "nearest", "skip", "error")
+#: files of a training checkpoint that are not the model's weights (HF Trainer, accelerate, memsurgery)
+_NOT_WEIGHTS = re.compile(
+    r"(optimizer|scheduler|scaler|rng_state.*|random_states.*|training_args|memsurgery_monitor)\.(pt|pth|bin)"
+)
+#: the weights files of an HF-style checkpoint folder, in the order they are looked for
+_HF_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+#: the only Python types rebuilt besides what torch.load(weights_only=True) allows: hyperparameters that
+#: Lightning / argparse scripts leave in a checkpoint (an argparse.Namespace, a path); both are plain
+#: attribute / string holders, so rebuilding them runs no user code
+_HARMLESS: tuple[type, ...] = (argparse.Namespace, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath)
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint that exists but cannot be read (yet): truncated because a run is still writing it,
+    corrupt, or not a checkpoint at all. :class:`Reference` waits for such a file to become readable
+    (``missing="wait"``); everywhere else it is an error."""
 
 
 # ---------------------------------------------------------------- reading
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, the only way memsurgery reads a
+    torch file. What weights_only refuses is retried once with the :data:`_HARMLESS` types allowed
+    (``torch.serialization.safe_globals``), so a Lightning checkpoint whose hyperparameters hold a
+    path or a Namespace loads; any other Python object is refused (ValueError). Types the user has
+    allowed with ``torch.serialization.add_safe_globals`` are allowed here too."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and the like: weights_only refused something
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "UnpicklingError" in type(e).__name__:
-            raise ValueError(
-                f"{path} holds pickled Python objects besides tensors, and memsurgery never unpickles them "
-                f"(torch.load(weights_only=True) refused: {str(e).splitlines()[0][:200]}). Save the weights "
-                "alone: torch.save(model.state_dict(), path) or safetensors.torch.save_file(model.state_dict(), path)"
-            ) from e
-        raise ValueError(f"{path} is not a readable torch file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:  # weights_only refused a global: allow the harmless ones, nothing else
+            with torch.serialization.safe_globals(list(_HARMLESS)):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "safe_globals" not in str(e):  # garbage bytes, not objects
+            raise CheckpointReadError(f"{path} is not a readable torch file (corrupt, or not a torch file?): "
+                                      f"{_last_line(e)}") from e
+        raise ValueError(
+            f"{path} holds pickled Python objects besides tensors{_refused(path)}, and memsurgery never unpickles "
+            "arbitrary objects (torch files are read with torch.load(weights_only=True) only; a whole module saved "
+            "with torch.save(model) is such an object). Save the weights alone: torch.save(model.state_dict(), path) "
+            "or safetensors.torch.save_file(model.state_dict(), path); if you trust the file and those types are "
+            "harmless, allow them first with torch.serialization.add_safe_globals([...])"
+        ) from None
+    except Exception as e:  # a truncated zip (RuntimeError), an empty file (EOFError), garbage (KeyError) ...
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointReadError(
+            f"{path} is not a readable torch file (truncated, still being written, or corrupt?): "
+            f"{type(e).__name__}: {first}"
+        ) from e
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Check the documentation")]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def _refused(path: Path) -> str:
+    """`` (the.Type, ...)``: the Python types a torch file needs beyond tensors (zip format only)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the legacy format, or unreadable: the message goes without the names
+        return ""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in _HARMLESS}
+    names = [n for n in names if n not in allowed]
+    return f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
 
 
 def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -61,6 +116,8 @@ def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 obj = inner
                 break
         out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not out:  # {"student": {...}, "teacher": {...}} (DINO): keys "student.x", selected with prefix=
+            out = _flatten(obj)
         if out:
             return out
         keys = ", ".join(map(str, list(obj)[:8]))
@@ -68,53 +125,99 @@ def _tensors_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict")
 
 
+def _flatten(obj: Mapping[Any, Any], prefix: str = "", depth: int = 0) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+        elif isinstance(v, Mapping) and depth < 4:
+            out.update(_flatten(v, f"{prefix}{k}.", depth + 1))
+    return out
+
+
 def _weights_file(folder: Path) -> list[Path]:
     """The weights file(s) of a checkpoint folder (HF Trainer layout, or a single weights file)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    for name in _HF_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [f]
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (no weight_map): {e}") from e
+            shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointReadError(f"{f} is not a readable shard index (no weight_map; still being written?): {e}") from e
+        gone = [s for s in shards if not (folder / s).is_file()]
+        if gone:
+            raise CheckpointReadError(f"{f} lists shards that are not there (yet): {', '.join(gone[:5])}")
         return [folder / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not _partial(p)]
+    files = sorted(p for p in folder.iterdir() if p.is_file() and _weights_name(p))
     if len(files) == 1:
         return files
+    if not files:  # an HF checkpoint-N folder is written in place: its weights may come a moment later
+        raise CheckpointReadError(f"{folder} holds no weights file (yet): looked for {', '.join(_HF_FILES)} "
+                                  f"or one file ending in {', '.join(WEIGHT_SUFFIXES)}")
     found = ", ".join(p.name for p in files[:6]) or "none"
-    raise ValueError(f"{folder} is not a checkpoint folder: no model.safetensors / pytorch_model.bin, and not exactly "
-                     f"one weights file ({found}); give the weights file itself")
+    raise ValueError(f"{folder} is not a checkpoint folder: no {' / '.join(_HF_FILES)}, and not exactly one weights "
+                     f"file ({found}); give the weights file itself")
 
 
 def _partial(p: Path) -> bool:
-    return p.name.startswith(".") or p.name.endswith((".tmp", ".partial", ".part"))
+    """A file or folder still being written (by convention): dot-files, ``.tmp`` / ``.partial``
+    names, HF's ``tmp-checkpoint-*``."""
+    return p.name.startswith((".", "tmp-")) or p.name.endswith((".tmp", ".partial", ".part", ".incomplete"))
+
+
+def _weights_name(p: Path) -> bool:
+    """A weights file by its name: a known suffix, not a partial file, not an optimizer / scheduler /
+    RNG / training-arguments file of a training checkpoint."""
+    return p.suffix in WEIGHT_SUFFIXES and not _partial(p) and not _NOT_WEIGHTS.fullmatch(p.name)
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file or folder (see the module docstring for the formats).
 
+    Non-tensor entries (epoch, hyperparameters, optimizer settings) are dropped. A dict that holds
+    its state dicts nested without a conventional key (``{"student": ..., "teacher": ...}``) comes
+    back flattened (``student.x``), to pick with ``prefix=`` in :func:`match_state_dict`.
+
     Args:
-        path: a ``.safetensors``, ``.pt`` / ``.pth`` / ``.bin``, ``.ckpt`` file, or an HF Trainer
-            checkpoint folder.
+        path: a ``.safetensors``, ``.pt`` / ``.pth`` / ``.bin``, ``.ckpt`` file, a sharded
+            ``*.index.json``, an HF Trainer checkpoint folder, or a folder holding one weights file.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointReadError: (a ValueError) the file is truncated, corrupt, or not a checkpoint.
+        ValueError: the file holds pickled Python objects (never unpickled), or no tensors.
 
     Example:
         >>> state = read_state_dict("runs/g/checkpoint-500")
+        >>> state = read_state_dict("lightning_logs/version_0/checkpoints/epoch=9-step=1000.ckpt")
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}")
-    files = _weights_file(p) if p.is_dir() else [p]
+    if p.is_dir():
+        files = _weights_file(p)
+    elif p.name.endswith(".index.json"):
+        files = _weights_file(p.parent) if p.name in _HF_FILES else []
+        if not files or files[0].parent != p.parent:
+            raise ValueError(f"{p}: give the checkpoint folder that holds the index and its shards instead")
+    else:
+        files = [p]
     out: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
             from safetensors.torch import load_file
 
+            if not f.is_file():
+                raise FileNotFoundError(f"no checkpoint at {f}")
             try:
                 out.update(load_file(str(f)))
             except Exception as e:  # SafetensorError (Rust) and OS errors
-                raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+                raise CheckpointReadError(
+                    f"{f} is not a readable safetensors file (truncated, still being written, or corrupt?): {e}"
+                ) from e
         elif f.suffix in (".pt", ".pth", ".bin", ".ckpt"):
             out.update(_tensors_of(_torch_load(f), f))
         else:
@@ -131,7 +234,26 @@ def _shape_list(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple[int,
 def match_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, prefix: str | None = None
                      ) -> tuple[dict[str, torch.Tensor], str]:
     """``(state keyed like model.state_dict(), how it was matched)``; a ValueError that names the
-    missing / unexpected keys and shape mismatches when nothing fits."""
+    missing / unexpected keys and shape mismatches when nothing fits.
+
+    Tried in order: the model's keys as they are (checkpoint tensors besides them are ignored);
+    ``prefix`` when given, else the one prefix under which every model key is found with its shape
+    (``backbone.``, ``module.``, ``_orig_mod.``; several such prefixes, as a DINO student and teacher,
+    are a ValueError that asks for ``prefix=``); then the same layers under other module names (a
+    ResNet vs ``nn.Sequential`` of its children, by the layers' reference names or the children's
+    positions, or a run of checkpoint tensors whose parameter names and shapes agree one by one in
+    saved order). Shapes must agree exactly; dtypes are left to ``load_state_dict``.
+
+    Args:
+        state: the checkpoint's tensors (:func:`read_state_dict`).
+        model: the module to load into (its ``state_dict()`` keys are the target).
+        prefix: the checkpoint key prefix of the module (``"student_backbone."``), stripped.
+
+    Example:
+        >>> mapped, how = match_state_dict(read_state_dict("simclr.pt"), resnet)
+        >>> how
+        "prefix 'backbone.'"
+    """
     target = model.state_dict()
     want = list(target)
     if prefix is not None:
@@ -239,7 +361,13 @@ def _mismatch(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tens
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], prefix: str | None = None) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (strictly, after key matching); returns what was used:
-    ``{"path", "mapping", "sha256"}``.
+    ``{"path", "mapping", "sha256"}`` (``sha256``: of the file's bytes; for a folder, of its weights
+    file(s), one after the other).
+
+    Args:
+        model: the module (DDP / compile wrappers are looked through).
+        path: a checkpoint file or folder (:func:`read_state_dict`).
+        prefix: the checkpoint key prefix of the module (:func:`match_state_dict`).
 
     Example:
         >>> backbone = nn.Sequential(*list(torchvision.models.resnet18().children())[:-1])
@@ -263,28 +391,48 @@ _STEP_RX = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
 def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
     """The training step of a checkpoint, from its name (``checkpoint-500``, ``epoch=3-step=1200.ckpt``,
     ``step_500.pt``, else the last number in the name), else from a Lightning ``global_step`` or an
-    HF ``trainer_state.json``; None when nothing says."""
+    HF ``trainer_state.json``; None when nothing says. An HF weights file (``model.safetensors``)
+    takes the step of its checkpoint folder.
+
+    Args:
+        path: a checkpoint file or folder (it need not exist when its name tells the step).
+
+    Example:
+        >>> checkpoint_step("lightning_logs/version_0/checkpoints/epoch=3-step=1200.ckpt")
+        1200
+    """
     p = Path(path)
-    name = p.name[: -len(p.suffix)] if p.suffix in WEIGHT_SUFFIXES else p.name
-    m = _STEP_RX.findall(name)
-    if m:
-        return int(m[-1])
-    m2 = re.fullmatch(r"checkpoint-(\d+)", name)
-    if m2:
-        return int(m2.group(1))
-    numbers = re.findall(r"\d+", name)
-    if numbers:
-        return int(numbers[-1])
+    if p.name in _HF_FILES:
+        return checkpoint_step(p.parent)
+    named = _name_step(p)
+    if named is not None:
+        return named
     if p.is_dir() and (p / "trainer_state.json").is_file():
         try:
             return int(json.loads((p / "trainer_state.json").read_text())["global_step"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
     if p.suffix == ".ckpt" and p.is_file():
-        obj = _torch_load(p)
+        try:
+            obj = _torch_load(p, mmap=True)  # mapped, not read: only global_step is wanted
+        except CheckpointReadError:
+            obj = _torch_load(p)  # the legacy (non-zip) format cannot be mapped
         step = obj.get("global_step") if isinstance(obj, Mapping) else None
-        return int(step) if isinstance(step, int) else None
+        return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
     return None
+
+
+def _name_step(path: str | os.PathLike[str]) -> int | None:
+    """The step a checkpoint's name tells (reads nothing): after ``step``, else the last number."""
+    p = Path(path)
+    if p.name in _HF_FILES:
+        p = p.parent
+    name = p.name[: -len(p.suffix)] if p.suffix in WEIGHT_SUFFIXES else p.name
+    m = _STEP_RX.findall(name)
+    if m:
+        return int(m[-1])
+    numbers = re.findall(r"\d+", name)  # checkpoint-500, g_000500, ckpt_20
+    return int(numbers[-1]) if numbers else None
 
 
 def _is_glob(source: str) -> bool:
@@ -292,32 +440,79 @@ def _is_glob(source: str) -> bool:
 
 
 def list_checkpoints(source: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``[(step, path)]`` sorted by step: the weights files and checkpoint folders in a folder, or
-    what a glob pattern matches. Files being written (``.tmp``, ``.partial``, dot-files) are left out."""
+    """``[(step, path)]`` sorted by step: the weights files and checkpoint folders (``checkpoint-*``
+    and other folders holding HF weights, one level down) in a folder, or what a glob pattern
+    matches. Files being written (``.tmp``, ``.partial``, dot-files, ``tmp-checkpoint-*``) and the
+    optimizer / scheduler / RNG files of a training checkpoint are left out. A checkpoint file, or a
+    folder that is one checkpoint, gives itself.
+
+    Args:
+        source: a folder, a glob pattern (``"runs/g/ckpt/*.pt"``, ``"runs/g/checkpoint-*"``) or one
+            checkpoint.
+
+    Raises:
+        ValueError: a checkpoint whose step cannot be told, or two with the same step.
+        FileNotFoundError: ``source`` is neither a pattern nor an existing file or folder.
+
+    Example:
+        >>> list_checkpoints("runs/g")  # an HF Trainer output_dir
+        [(500, PosixPath('runs/g/checkpoint-500')), (1000, PosixPath('runs/g/checkpoint-1000'))]
+    """
+    return _list(source, skip_unreadable=False)
+
+
+def _list(source: str | os.PathLike[str], skip_unreadable: bool) -> list[tuple[int, Path]]:
     text = str(source)
-    if _is_glob(text):
+    p0 = Path(text)
+    if _is_glob(text) and not p0.exists():
         paths = sorted(Path(p) for p in glob.glob(text))
+    elif p0.is_file() or _is_checkpoint_folder(p0):
+        paths = [p0]
+    elif p0.is_dir():
+        subfolders = [p for p in p0.iterdir() if p.is_dir() and not _partial(p) and _is_step_folder(p)]
+        # an HF output_dir's own model.safetensors (trainer.save_model() at the end) has no step:
+        # its checkpoint-* folders are the checkpoints
+        paths = sorted(p for p in p0.iterdir() if (p.is_file() and not (subfolders and p.name in _HF_FILES)))
+        paths += sorted(subfolders)
     else:
-        folder = Path(text)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no checkpoint folder at {folder}")
-        paths = sorted(folder.iterdir())
+        raise FileNotFoundError(f"no checkpoint, checkpoint folder or glob pattern at {text!r}")
     out: dict[int, Path] = {}
     for p in paths:
-        if _partial(p) or not ((p.is_file() and p.suffix in WEIGHT_SUFFIXES) or (p.is_dir() and _looks_like_folder(p))):
+        if not ((p.is_file() and _weights_name(p)) or (p.is_dir() and not _partial(p) and _is_step_folder(p))):
             continue
-        step = checkpoint_step(p)
+        try:
+            step = checkpoint_step(p)
+        except (CheckpointReadError, FileNotFoundError):
+            if skip_unreadable:  # still being written (or just rotated away): not there yet
+                continue
+            raise
         if step is None:
             raise ValueError(f"cannot tell the training step of checkpoint {p}: put it in the name "
-                             "(e.g. step_500.pt, checkpoint-500/, epoch=3-step=500.ckpt)")
+                             "(e.g. step_500.pt, checkpoint-500/, epoch=3-step=500.ckpt), or give a glob "
+                             "pattern that leaves it out")
         if step in out:
-            raise ValueError(f"two checkpoints of step {step}: {out[step]} and {p}; keep one per step")
+            hint = (" (Lightning's save_last=True writes last.ckpt, a copy of the newest one: give a pattern "
+                    "such as 'checkpoints/epoch=*.ckpt')" if "last" in (out[step].name + p.name) else "")
+            raise ValueError(f"two checkpoints of step {step}: {out[step]} and {p}; keep one per step, or give "
+                             f"a glob pattern that selects one kind{hint}")
         out[step] = p
     return sorted(out.items())
 
 
 def _looks_like_folder(p: Path) -> bool:
-    return any((p / n).is_file() for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+    return any((p / n).is_file() for n in _HF_FILES)
+
+
+def _is_step_folder(p: Path) -> bool:
+    """A checkpoint folder, by name (``checkpoint-*``, even before its weights are written) or by
+    content (HF weights files)."""
+    return p.name.startswith("checkpoint-") or _looks_like_folder(p)
+
+
+def _is_checkpoint_folder(p: Path) -> bool:
+    """``p`` is itself one checkpoint folder (HF weights inside, no ``checkpoint-*`` folders)."""
+    return p.is_dir() and _looks_like_folder(p) and not any(
+        c.is_dir() and c.name.startswith("checkpoint-") for c in p.iterdir())
 
 
 # ---------------------------------------------------------------- the reference as checkpoints
@@ -331,23 +526,41 @@ class Reference:
             is behind or still to come): ``"wait"`` for one, up to ``timeout_s``; ``"nearest"``
             take the newest there is (with a warning: g's run finished earlier); ``"skip"`` skip
             this probe (with a warning); ``"error"`` raise.
-        timeout_s / poll_s: how long to wait, how often to look.
+        timeout_s / poll_s: how long to wait, how often to look (seconds, positive).
+
+    Which checkpoint: once one of step >= t is there, the one nearest to t (ties: the earlier one;
+    so g never waits for a later one while an as-near one is there). A checkpoint that is listed but
+    cannot be read yet (truncated: g's run is writing it) counts as not there while waiting; in the
+    other modes its read error is raised. g's weights are read again only when the checkpoint path
+    or its weights files' size / mtime change (``loads`` counts the reads). No file stays open.
 
     Example:
-        >>> mon = Monitor(model.backbone, probe, reference=Reference("runs/g/checkpoints", missing="nearest"))
+        >>> ref = Reference("runs/g/checkpoints", missing="nearest")
+        >>> ref.bind(f)
+        >>> g, info = ref.at(1200)  # info: path, step, requested_step, gap, mapping, sha256
+        >>> mon = Monitor(model.backbone, probe, reference=ref)
     """
 
     def __init__(self, source: str | os.PathLike[str], *, prefix: str | None = None, missing: str = "wait",
                  timeout_s: float = 300.0, poll_s: float = 2.0) -> None:
         if missing not in MISSING:
             raise ValueError(f"missing must be one of {', '.join(map(repr, MISSING))}, got {missing!r}")
-        if not timeout_s > 0 or not poll_s > 0:
-            raise ValueError(f"timeout_s and poll_s must be positive, got {timeout_s} and {poll_s}")
-        text = str(source)
+        for name, value in (("timeout_s", timeout_s), ("poll_s", poll_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+            if not value > 0:
+                raise ValueError(f"{name} must be positive (seconds), got {value}")
+        if prefix is not None and not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string such as 'backbone.' or None, got {type(prefix).__name__}")
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"source must be a checkpoint path, folder or glob pattern, got {type(source).__name__}")
+        text = os.fspath(source)
+        if not isinstance(text, str):
+            raise TypeError("source must be a text path, not bytes")
         p = Path(text)
-        self.single = p.is_file() or (p.is_dir() and _looks_like_folder(p))
+        self.single = p.is_file() or _is_checkpoint_folder(p)
         if not self.single:
-            base = Path(text.split("*")[0]).parent if _is_glob(text) else p
+            base = _glob_base(text) if _is_glob(text) and not p.exists() else p
             if not base.is_dir():
                 raise FileNotFoundError(
                     f"reference {text!r} is neither a checkpoint file nor a folder of them ({base} does not exist); "
@@ -357,37 +570,62 @@ class Reference:
         self.timeout_s, self.poll_s = float(timeout_s), float(poll_s)
         self.model: nn.Module | None = None
         self.loads = 0
-        self._loaded: tuple[str, int, int] | None = None
+        self._loaded: tuple[Any, ...] | None = None
         self._info: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Reference({self.source!r}, missing={self.missing!r})"
 
     def bind(self, model: nn.Module) -> None:
-        """g's module: a copy of f's architecture (its weights come from the checkpoints)."""
+        """g's module: a copy of f's architecture (its weights come from the checkpoints), made at
+        the first call; later calls keep it.
+
+        Args:
+            model: f, or any module of g's architecture (DDP / compile wrappers are looked through).
+
+        Example:
+            >>> ref.bind(f)
+        """
         from .families import unwrap_model
 
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"bind() needs the encoder f (an nn.Module), got {type(model).__name__}")
         if self.model is None:
             self.model = copy.deepcopy(unwrap_model(model))
 
     def available(self) -> list[tuple[int, Path]]:
+        """The checkpoints there are now, ``[(step, path)]`` by step (may be empty); those that
+        cannot be read yet are left out. For a single checkpoint: itself (step 0 when its name
+        tells none)."""
         if self.single:
-            return [(checkpoint_step(self.source) or 0, Path(self.source))]
-        return list_checkpoints(self.source)
+            step = _name_step(self.source)
+            return [(step if step is not None else 0, Path(self.source))]
+        return _list(self.source, skip_unreadable=True)
 
     def check(self, model: nn.Module) -> dict[str, Any] | None:
         """Load the first checkpoint there is into a copy of ``model`` (a wrong reference fails now,
-        not at the first probe); None when g's run has saved none yet."""
-        found = self.available()
-        if not found:
-            return None
-        probe = copy.deepcopy(model)
-        return load_weights(probe, found[0][1], self.prefix)
+        not at the first probe); None when g's run has saved none (readable) yet.
+
+        Args:
+            model: f (the architecture g's checkpoints must fit).
+
+        Example:
+            >>> ref.check(f)["mapping"]
+            'exact keys'
+        """
+        for _, path in self.available():
+            try:
+                return load_weights(copy.deepcopy(model), path, self.prefix)
+            except (CheckpointReadError, FileNotFoundError):
+                if self.single:
+                    raise
+        return None
 
     def _load(self, path: Path) -> dict[str, Any]:
-        assert self.model is not None
-        st = path.stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
+        if self.model is None:
+            raise RuntimeError("Reference.bind(model) must be called first (the Monitor does it)")
+        files = _weights_file(path) if path.is_dir() else [path]
+        key = (str(path), *((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
         if key != self._loaded:
             self._info = load_weights(self.model, path, self.prefix)
             self._loaded = key
@@ -397,25 +635,34 @@ class Reference:
     def at(self, step: int) -> tuple[nn.Module | None, dict[str, Any]]:
         """``(g with the weights of the checkpoint nearest to step, info)``, or ``(None, info)`` when
         this probe is skipped. info: path, step, requested_step, gap, mapping, sha256."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int (the training step of the probe), got {type(step).__name__}")
         if self.model is None:
-            raise ValueError("Reference.bind(model) must be called first (the Monitor does it)")
+            raise RuntimeError("Reference.bind(model) must be called first (the Monitor does it)")
         if self.single:
             info = self._load(Path(self.source))
-            return self.model, {**info, "step": checkpoint_step(self.source), "requested_step": step, "gap": None}
+            s0 = _name_step(self.source)
+            return self.model, {**info, "step": s0, "requested_step": step, "gap": None if s0 is None else s0 - step,
+                                "note": "a single checkpoint: used at every step"}
         deadline = time.monotonic() + self.timeout_s
         while True:
             found = self.available()
-            later = [(s, p) for s, p in found if s >= step]
-            if later:
+            if any(s >= step for s, _ in found):
                 s, p = min(found, key=lambda sp: (abs(sp[0] - step), sp[0]))
                 try:
                     return self.model, {**self._load(p), "step": s, "requested_step": step, "gap": s - step}
-                except ValueError:
-                    if self.missing != "wait" or time.monotonic() > deadline:
-                        raise  # unreadable, and not a file still being written that we wait for
-            elif self.missing != "wait" or time.monotonic() > deadline:
+                except (CheckpointReadError, FileNotFoundError) as e:  # being written, or rotated away
+                    if self.missing != "wait":
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"g's checkpoint {p} (step {s}, for step {step}) is there but still unreadable after "
+                            f"{self.timeout_s:g} s of waiting: {e}. If g's run writes it slowly, give a longer "
+                            "timeout_s; if the file is broken, re-save it (or remove it)"
+                        ) from e
+            elif self.missing != "wait" or time.monotonic() >= deadline:
                 return self._not_there(step, found)
-            time.sleep(self.poll_s)
+            time.sleep(max(0.0, min(self.poll_s, deadline - time.monotonic())))
 
     def _not_there(self, step: int, found: list[tuple[int, Path]]) -> tuple[nn.Module | None, dict[str, Any]]:
         newest = found[-1][0] if found else None
@@ -423,7 +670,7 @@ class Reference:
         what = f"no checkpoint of g at step {step} or later in {self.source} ({seen})"
         if self.missing == "wait":
             raise TimeoutError(
-                f"{what} after waiting {self.timeout_s:.0f} s. If g's run is still training, wait longer "
+                f"{what} after waiting {self.timeout_s:g} s. If g's run is still training, wait longer "
                 "(Reference(..., timeout_s=...)); if it finished earlier, use missing='nearest'; to go on without "
                 "this probe, missing='skip'"
             )
@@ -431,11 +678,18 @@ class Reference:
             raise ValueError(f"{what}; g's run must save a checkpoint at (or after) every step f probes")
         if self.missing == "skip":
             warnings.warn(f"{what}: this probe is skipped", UserWarning, stacklevel=3)
-            return None, {"skipped": True, "requested_step": step, "reason": what}
+            return None, {"skipped": True, "requested_step": step, "reason": what, "path": None, "step": None,
+                          "newest_step": newest}
         s, p = found[-1]
         warnings.warn(f"{what}: comparing f at step {step} with g at step {s} (gap {s - step})", UserWarning, stacklevel=3)
-        assert self.model is not None
         return self.model, {**self._load(p), "step": s, "requested_step": step, "gap": s - step}
 
 
-__all__ = ["Reference", "checkpoint_step", "list_checkpoints", "load_weights", "match_state_dict", "read_state_dict"]
+def _glob_base(pattern: str) -> Path:
+    """The folder a glob pattern starts from: its leading components without wildcards."""
+    parts = Path(pattern).parts
+    lead = list(parts[: next(i for i, c in enumerate(parts) if _is_glob(c))])
+    return Path(*lead) if lead else Path(".")
+
+
+__all__ = ["CheckpointReadError", "Reference", "checkpoint_step", "list_checkpoints", "load_weights", "match_state_dict", "read_state_dict"]

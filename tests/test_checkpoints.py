@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from memsurgery.checkpoints import (
+    CheckpointReadError,
     Reference,
     checkpoint_step,
     list_checkpoints,
@@ -88,11 +89,23 @@ def test_prefix_found_alone_and_ambiguous_prefixes_named(tmp_path):
 
 
 def test_refusals_name_the_problem(tmp_path):
-    import argparse
-
-    torch.save({"model": _resnet18().state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "pickled.pt")
-    with pytest.raises(ValueError, match=r"never unpickles.*torch.save\(model.state_dict\(\)"):
+    torch.save({"model": nn.Linear(2, 2), "epoch": 1}, tmp_path / "pickled.pt")  # a whole module: pickled
+    with pytest.raises(ValueError, match=r"objects besides tensors \(torch\.nn\.modules\.linear\.Linear\).*"
+                       r"never unpickles.*torch.save\(model.state_dict\(\)"):
         read_state_dict(tmp_path / "pickled.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="never unpickles"):
+        read_state_dict(tmp_path / "legacy.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointReadError, match="not a readable torch file"):
+        read_state_dict(tmp_path / "junk.pt")
+    torch.save({"w": torch.ones(3)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:200])  # still being written
+    with pytest.raises(CheckpointReadError, match="truncated"):
+        read_state_dict(tmp_path / "cut.pt")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "no_tensors.pt")
+    with pytest.raises(ValueError, match=r"no tensors \(top-level keys: epoch, lr\)"):
+        read_state_dict(tmp_path / "no_tensors.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         read_state_dict(tmp_path / "missing.pt")
     near = _resnet18()
@@ -103,20 +116,64 @@ def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="do not fit the model"):  # the by-order fallback refuses too
         match_state_dict(torch.load(tmp_path / "near.pt", weights_only=True), _sequential())
     (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointReadError, match="truncated"):
         read_state_dict(tmp_path / "trunc.safetensors")
+
+
+def test_harmless_hyperparameters_nested_and_sharded_state_dicts(tmp_path):
+    import argparse
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    # argparse / pathlib values (hyperparameters) are rebuilt; nothing else is
+    torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(lr=0.1, data=Path("/data"))},
+               tmp_path / "hp.pt")
+    assert read_state_dict(tmp_path / "hp.pt").keys() == net.state_dict().keys()
+    # DINO's layout: state dicts nested under their own names, picked with prefix=
+    student, teacher = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3))
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "epoch": 9}, tmp_path / "dino.pth")
+    with pytest.raises(ValueError, match=r"'student\.'.*'teacher\.'.*prefix="):
+        load_weights(nn.Sequential(nn.Linear(4, 3)), tmp_path / "dino.pth")
+    target = nn.Sequential(nn.Linear(4, 3))
+    load_weights(target, tmp_path / "dino.pth", prefix="teacher.")
+    assert torch.equal(target[0].weight, teacher[0].weight)
+    # a sharded HF folder (index + shards), next to optimizer / RNG files that are not weights
+    folder = tmp_path / "checkpoint-7"
+    folder.mkdir()
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    keys = list(state)
+    shards = {"model-00001-of-00002.safetensors": keys[:3], "model-00002-of-00002.safetensors": keys[3:]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(folder / name))
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.save({"x": torch.zeros(1)}, folder / "optimizer.pt")
+    target2 = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    info = load_weights(target2, folder)
+    assert info["mapping"] == "exact keys" and len(info["sha256"]) == 64
+    assert all(torch.equal(a, b) for a, b in zip(target2.state_dict().values(), state.values(), strict=True))
+    assert list_checkpoints(folder) == [(7, folder)] and checkpoint_step(folder / "model.safetensors") == 7
+    (folder / "model-00002-of-00002.safetensors").unlink()  # a shard not written yet
+    with pytest.raises(CheckpointReadError, match="not there"):
+        read_state_dict(folder)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:lightning", "ignore:.*LeafSpec.*:DeprecationWarning",
                             "ignore:.*LeafSpec.*:FutureWarning")
 def test_real_lightning_checkpoints(tmp_path):
     L = pytest.importorskip("lightning")
+    import shutil
+    from pathlib import Path
+
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Module(L.LightningModule):
-        def __init__(self, lr: float = 0.05):
+        def __init__(self, lr: float = 0.05, root: Path | None = None):
             super().__init__()
-            self.save_hyperparameters()
+            self.save_hyperparameters()  # root: a PosixPath, which weights_only alone refuses
             self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
             self.head = nn.Linear(4, 2)
 
@@ -128,17 +185,24 @@ def test_real_lightning_checkpoints(tmp_path):
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8))
-    module = Module()
+    module = Module(root=tmp_path)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[ckpt])
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     found = list_checkpoints(tmp_path)
-    assert [s for s, _ in found] == [1, 2]
+    assert [(s, p.name) for s, p in found] == [(1, "epoch=0-step=1.ckpt"), (2, "epoch=0-step=2.ckpt")]
+    for _, path in found:
+        assert "prefix 'backbone.'" in load_weights(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), path)["mapping"]
     target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     info = load_weights(target, found[-1][1])
     assert "prefix 'backbone.'" in info["mapping"]
     assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), module.backbone.state_dict().values(), strict=True))
+    shutil.copy(found[-1][1], tmp_path / "final.ckpt")  # no step in the name: Lightning's global_step
+    assert checkpoint_step(tmp_path / "final.ckpt") == 2
+    with pytest.raises(ValueError, match="two checkpoints of step 2"):
+        list_checkpoints(tmp_path)
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "epoch=*.ckpt"))] == [1, 2]
 
 
 def test_real_hf_trainer_checkpoint_folders(tmp_path):
@@ -166,9 +230,12 @@ def test_real_hf_trainer_checkpoint_folders(tmp_path):
     model = Model()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, report_to=[], use_cpu=True,
                              per_device_train_batch_size=4, disable_tqdm=True, dataloader_num_workers=0)
-    Trainer(model=model, args=args, train_dataset=Data()).train()
+    trainer = Trainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    trainer.save_model()  # model.safetensors + training_args.bin at the top of output_dir: no step
     found = list_checkpoints(tmp_path)
     assert [(s, p.name) for s, p in found] == [(2, "checkpoint-2"), (4, "checkpoint-4")]
+    assert [s for s, _ in Reference(tmp_path).available()] == [2, 4]
     target = nn.Sequential(nn.Linear(6, 5), nn.ReLU())
     load_weights(target, found[-1][1])
     assert torch.equal(target[0].weight, model.backbone[0].weight.detach())
@@ -176,9 +243,14 @@ def test_real_hf_trainer_checkpoint_folders(tmp_path):
 
 def test_checkpoint_step_from_names(tmp_path):
     cases = {"checkpoint-500": 500, "epoch=3-step=1200.ckpt": 1200, "step_500.pt": 500, "step-7.safetensors": 7,
-             "g_step=40.pt": 40, "g_000500.safetensors": 500, "ckpt_20.pt": 20, "final.pt": None}
+             "g_step=40.pt": 40, "g_000500.safetensors": 500, "ckpt_20.pt": 20, "final.pt": None,
+             "checkpoint-30/model.safetensors": 30}
     for name, step in cases.items():
         assert checkpoint_step(tmp_path / name) == step, name
+    hf = tmp_path / "final"
+    hf.mkdir()
+    (hf / "trainer_state.json").write_text('{"global_step": 12}')
+    assert checkpoint_step(hf) == 12
 
 
 def _save_steps(folder, steps):
@@ -232,6 +304,77 @@ def test_reference_waits_for_a_checkpoint_written_meanwhile(tmp_path):
     g, info = ref.at(6)
     thread.join()
     assert info["step"] == 6 and _same(g, _sequential(6))
+
+
+def _small(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+
+def test_reference_waits_for_a_file_still_being_written_and_fails_fast_on_a_wrong_one(tmp_path):
+    folder = tmp_path / "g"
+    folder.mkdir()
+    torch.save(_small(0).state_dict(), folder / "step_0.pt")
+    torch.save(_small(6).state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (folder / "step_6.pt").write_bytes(data[: len(data) // 2])  # written in place: truncated for now
+    ref = Reference(folder, missing="wait", timeout_s=20, poll_s=0.05)
+    ref.bind(_small(99))
+    nearest = Reference(folder, missing="nearest")
+    nearest.bind(_small(99))
+    with pytest.raises(CheckpointReadError, match="truncated"):  # not waiting: the reader's error
+        nearest.at(5)
+
+    def finish():
+        time.sleep(0.3)
+        (folder / "step_6.pt").write_bytes(data)
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    g, info = ref.at(5)
+    thread.join()
+    assert info["step"] == 6 and info["gap"] == 1 and torch.equal(g[0].weight, _small(6)[0].weight)
+    assert info["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    # a checkpoint of another architecture fails at once, even while waiting
+    torch.save(nn.Sequential(nn.Linear(4, 5)).state_dict(), folder / "step_8.pt")
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="do not fit the model"):
+        ref.at(8)
+    assert time.monotonic() - t0 < 5
+
+
+def test_reference_single_file_check_and_patterns(tmp_path):
+    torch.save(_small(3).state_dict(), tmp_path / "g_final.pt")
+    ref = Reference(tmp_path / "g_final.pt")
+    assert ref.check(_small(0))["mapping"] == "exact keys"
+    ref.bind(_small(0))
+    g, info = ref.at(100)
+    assert "single checkpoint" in info["note"] and torch.equal(g[0].weight, _small(3)[0].weight)
+    ref.at(200)
+    assert ref.loads == 1
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor a folder"):
+        Reference(str(tmp_path / "g" / "ckpt" / "*.pt"))  # the pattern's folder does not exist
+    (tmp_path / "g" / "ckpt").mkdir(parents=True)
+    ref2 = Reference(str(tmp_path / "g" / "ckpt" / "*.pt"), missing="skip")
+    assert ref2.check(_small(0)) is None and ref2.available() == []
+    ref2.bind(_small(0))
+    with pytest.warns(UserWarning, match="there is none yet.*skipped"):
+        g, info = ref2.at(1)
+    assert g is None and info["skipped"] and info["newest_step"] is None
+    with pytest.raises(ValueError, match="there is none yet"):
+        _at(tmp_path / "g" / "ckpt")
+    with pytest.raises(TypeError, match="timeout_s must be a number"):
+        Reference(tmp_path, timeout_s="5")
+    with pytest.raises(ValueError, match="poll_s must be positive"):
+        Reference(tmp_path, poll_s=0)
+    with pytest.raises(RuntimeError, match="bind"):
+        Reference(tmp_path / "g_final.pt").at(1)
+
+
+def _at(source):
+    ref = Reference(source, missing="nearest")
+    ref.bind(_small(0))
+    return ref.at(1)
 
 
 def test_reference_arguments_are_checked(tmp_path):
