@@ -1,0 +1,149 @@
+"""TensorBoard: curves sorted by importance, histograms, matplotlib figures and captioned images.
+
+Writes into its own folder (``TensorBoardLogger("runs/x/mem")``, what ``Monitor(log_dir=...)``
+means) or into a ``SummaryWriter`` the user already has (the host's run: Lightning's
+``trainer.logger.experiment``, an accelerate tracker, HF's logging folder), so everything is in
+one run. ``scalars=False`` leaves the curves to a host logger that writes them itself.
+
+What a reader finds:
+- Scalars: ``1.layermem/01.conv1`` ... : LayerMem first, then ΔLayerMem, the other LayerMem
+  variants, SSLMem and its tests, UnitMem / ClassMem; layers in forward order.
+- Custom Scalars: one chart per family and group of at most three consecutive layers; only
+  families that have values (no empty panels in single-encoder mode).
+- Images: per-layer profile bars, layer x step heatmaps, the most memorized images and the
+  images the most selective units fire for, all captioned.
+- Histograms: UnitMem / ClassMem of every unit, per layer. Text: the top points as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from .base import ProbeLogger, register_logger
+from .figures import Timeline, to_rgb
+from .media import probe_figures
+from .record import FAMILIES, ProbeRecord, chart_tag
+from .worker import Worker
+
+GROUP = 3
+
+
+@register_logger
+class TensorBoardLogger(ProbeLogger):
+    """Args:
+        log_dir: the folder to write (a new ``SummaryWriter``), or None with ``writer``.
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX) the host already has.
+        prefix: put before every tag (``"memsurgery/"`` next to a host's own curves).
+        scalars: write the curves (False when a host logger writes them).
+        media: write histograms, figures, images and text.
+        background: draw the figures in a background thread (training goes on meanwhile).
+
+    Example:
+        >>> TensorBoardLogger("runs/x/mem")
+        >>> TensorBoardLogger(writer=trainer.logger.experiment, prefix="memsurgery/", scalars=False)
+    """
+
+    name = "tensorboard"
+    requires_logging_directory = True
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None, prefix: str = "",
+                 scalars: bool = True, media: bool = True, background: bool = True) -> None:
+        if (log_dir is None) == (writer is None):
+            raise ValueError("TensorBoardLogger needs exactly one of log_dir (a folder) or writer (a SummaryWriter)")
+        if writer is not None and not hasattr(writer, "add_scalar"):
+            raise TypeError(f"writer must be a SummaryWriter (with add_scalar / add_image), got {type(writer).__name__}")
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.writer = writer
+        self.owns_writer = writer is None
+        self.prefix, self.scalars, self.media = prefix, scalars, media
+        self.timeline = Timeline()
+        self.worker = Worker(f"memsurgery-{self.name}", background)
+        self._layout_done = False
+
+    def __repr__(self) -> str:
+        return f"TensorBoardLogger({self.log_dir or self.writer!r})"
+
+    def _writer(self) -> Any:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        return self.writer
+
+    def tag(self, key: str, record: ProbeRecord) -> str:
+        return self.prefix + chart_tag(key, record.layers, record.unit_layers)
+
+    def log(self, record: ProbeRecord) -> None:
+        w, step = self._writer(), record.step
+        if not self._layout_done:
+            self._layout_done = True
+            if self.scalars:
+                w.add_custom_scalars(self.layout(record))
+            if record.options:
+                w.add_text(self.prefix + "options", "```\n" + json.dumps(record.options, indent=2, default=str) + "\n```", step)
+        if self.scalars:
+            for key, value in record.scalars.items():
+                w.add_scalar(self.tag(key, record), value, step)
+        if self.media:
+            self._media(w, record)
+        w.flush()
+
+    def _media(self, w: Any, record: ProbeRecord) -> None:
+        step, p = record.step, self.prefix
+        for kind, table in (("unitmem", record.unit_scores), ("classmem", record.class_scores)):
+            for j, (layer, scores) in enumerate(table.items()):
+                valid = scores[~scores.isnan()]
+                if valid.numel():
+                    w.add_histogram(f"{p}hist.{kind}/{j + 1:02d}.{layer}", valid.float(), step)
+
+        def figures() -> None:
+            for name, fig, _ in probe_figures(record, self.timeline):
+                w.add_image(f"{p}figures/{name}", to_rgb(fig), step, dataformats="HWC")
+            w.flush()
+
+        self.worker.submit(figures)
+        if record.top_points:
+            rows = ["| rank | point | class | file | score |", "|---:|---:|---|---|---:|"]
+            for r, c in enumerate(record.top_points, 1):
+                who = c.class_name or ("" if c.label is None else str(c.label))
+                rows.append(f"| {r} | {c.index} | {who} | {c.file or ''} | {c.score:+.4f} |")
+            w.add_text(f"{p}top_memorized", "\n".join(rows), step)
+
+    def layout(self, record: ProbeRecord) -> dict[str, Any]:
+        """The Custom Scalars layout: a category per family with values, a multiline chart per
+        group of at most three consecutive layers (forward order)."""
+        out: dict[str, Any] = {}
+        for fam, title in FAMILIES:
+            layers = list(record.profile(fam))
+            if not layers:
+                continue
+            charts: dict[str, Any] = {}
+            for i in range(0, len(layers), GROUP):
+                group = layers[i:i + GROUP]
+                tags = [re.escape(self.tag(f"{fam}/{n}", record)) for n in group]
+                charts[f"{title}: {', '.join(group)}"] = ["Multiline", tags]
+            out[f"{_rank_of(fam)}. {title}"] = charts
+        extra = {k: ["Multiline", [re.escape(self.tag(k, record))]] for k in record.scalars
+                 if k.startswith(("sslmem/", "ttest_p/"))}
+        if extra:
+            out["4. SSLMem' per split and t-tests"] = {
+                "final-layer SSLMem' per split": ["Multiline", [v[1][0] for k, v in extra.items() if k.startswith("sslmem/")]],
+                "one-sided t-test p-values": ["Multiline", [v[1][0] for k, v in extra.items() if k.startswith("ttest_p/")]],
+            }
+            out["4. SSLMem' per split and t-tests"] = {k: v for k, v in out["4. SSLMem' per split and t-tests"].items() if v[1]}
+        return out
+
+    def finish(self) -> None:
+        self.worker.stop()
+        if self.writer is not None:
+            self.writer.flush()
+            if self.owns_writer:
+                self.writer.close()
+                self.writer = None
+
+
+def _rank_of(family: str) -> int:
+    return [f for f, _ in FAMILIES].index(family) + 1
