@@ -16,6 +16,7 @@ so ``state_dict`` is safe for ``accelerator.register_for_checkpointing``.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .loggers.record import PointCard, ProbeRecord
 from .metrics import layermem, topk_indices, ttest_greater
 from .probe import ProbeConfig, ProbeResult, run_probe
 from .probe_data import ProbeSet
@@ -55,7 +57,8 @@ class Monitor:
         reference: nn.Module | str | Path | Reference | None = None,
         config: ProbeConfig | None = None,
         every_n_steps: int | None = None,
-        log_dir: str | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        loggers: Any = None,
         thresholds: Sequence[float] = (0.5, 0.8),
         top_k: int = 16,
     ) -> None:
@@ -68,7 +71,13 @@ class Monitor:
                 (single-encoder estimate from never-seen points).
             config: what to measure (:class:`ProbeConfig`).
             every_n_steps: probe every n calls of :meth:`step` (None: only on :meth:`compute`).
-            log_dir: TensorBoard folder (rank 0 writes).
+            log_dir: a folder for the loggers' files; alone, shorthand for
+                ``loggers=[TensorBoardLogger(log_dir)]``.
+            loggers: where each probe goes (rank 0 only): registered names (``"tensorboard"``,
+                ``"jsonl"``, ``"wandb"``, ``"mlflow"``, built with ``log_dir``) or
+                :class:`memsurgery.loggers.ProbeLogger` instances (``TensorBoardLogger(writer=...)``,
+                ``AccelerateLogger(accelerator)``, ...). See docs/logging.md.
+            top_k: how many of the most memorized points a probe reports (with their images).
 
         Everything a probe needs is checked here, before training goes on: the layers, the
         reference, the probe images, the views and the normalization, with one dry forward pass
@@ -94,8 +103,12 @@ class Monitor:
         self.every_n_steps = every_n_steps
         self.thresholds = tuple(thresholds)
         self.top_k = top_k
-        self.log_dir = log_dir
-        self._logger: Any = None
+        from .loggers.base import build_loggers
+
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.loggers = build_loggers(loggers, log_dir)
+        self.last_record: ProbeRecord | None = None
+        self._options: dict[str, Any] | None = None
         self._checkpoints: Reference | None = None
         self.reference: nn.Module | None = None
         if isinstance(reference, (str, Path)):
@@ -193,7 +206,16 @@ class Monitor:
 
     # ------------------------------------------------------------------ schedule
     def step(self, global_step: int | None = None) -> dict[str, float] | None:
-        """Count one training step; probe when the schedule says so. Returns the metrics of a probe."""
+        """Count one training step; probe when the schedule says so. Returns the metrics of a probe.
+
+        With ``global_step`` (the host's optimizer-step counter), a call that repeats the previous
+        step is not a new step (gradient accumulation calls once per micro-batch): it never probes.
+        """
+        if global_step is not None:
+            if isinstance(global_step, bool) or not isinstance(global_step, int):
+                raise TypeError(f"global_step must be an int (the optimizer step), got {type(global_step).__name__}")
+            if global_step == self.steps and self.steps > 0:
+                return None
         self.steps = self.steps + 1 if global_step is None else int(global_step)
         if self.every_n_steps is not None and self.steps % self.every_n_steps == 0:
             return self.probe_now()
@@ -213,10 +235,21 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def add_logger(self, logger: Any) -> None:
+        """One more place the probes go (the framework adapters add the host's loggers here)."""
+        from .loggers.base import build_loggers
+
+        self.loggers.extend(build_loggers([logger], self.log_dir))
+
+    def flush(self) -> None:
+        """Wait until every logger has written every probe so far (figures are drawn in the background)."""
+        for lg in self.loggers:
+            lg.flush()
+
     def close(self) -> None:
-        if self._logger is not None:
-            self._logger.close()
-            self._logger = None
+        """Finish every logger (flush and close their files); the monitor can go on probing."""
+        for lg in self.loggers:
+            lg.finish()
 
     # ------------------------------------------------------------------ probing
     def probe_now(self) -> dict[str, float]:
@@ -241,9 +274,54 @@ class Monitor:
             self.references.append({"probe_step": self.steps, **{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}})
         self.last, self.last_controls = cand, ctl
         self.history.append((self.steps, metrics))
-        if self.log_dir is not None:
-            self._log(metrics)
+        self.last_record = self._record(cand, metrics)
+        if self.loggers:
+            from .loggers.base import dispatch
+            from .probe import _world
+
+            dispatch(self.loggers, self.last_record, _world()[0])
         return dict(metrics)
+
+    def _record(self, cand: ProbeResult, metrics: dict[str, float], gallery: int = 8) -> ProbeRecord:
+        """This probe as the loggers see it (the same on every rank): scalars, per-unit scores,
+        profiles, the top points and the points the most selective units fire for, with images."""
+        if self._options is None:
+            self._options = self.config.options()
+        # the most selective units (ties: forward order, then unit index), one card per point
+        order = {name: j for j, name in enumerate(cand.unitmem)}
+        units = [(float(v), layer, u, int(s.argmax[u])) for layer, s in cand.unitmem.items()
+                 for u, v in enumerate(s.scores.tolist()) if v == v]
+        units.sort(key=lambda t: (-t[0], order[t[1]], t[2]))
+        picks: list[tuple[float, str, int, int]] = []
+        shown: set[int] = set()
+        for t in units:
+            if t[3] not in shown and len(picks) < gallery:
+                picks.append(t)
+                shown.add(t[3])
+        keys = sorted({i for i, _ in self.top_points} | {t[3] for t in picks})
+        images = self.probe.images
+        raw = images.raw(torch.tensor(keys, dtype=torch.long)) if keys else None
+        by_key = {}
+        for r, k in enumerate(keys):
+            img = raw[r] if raw is not None else None
+            if img is not None and img.dtype != torch.uint8:
+                img = (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            by_key[k] = (img, images.describe(k))
+
+        def card(index: int, score: float, what: str = "") -> PointCard:
+            img, d = by_key[index]
+            return PointCard(index, score, img, d.get("label"), d.get("class"), d.get("file"), what)
+
+        return ProbeRecord(
+            step=self.steps, scalars=dict(metrics), layers=list(cand.layers), mode="twin" if cand.sslmem is not None else "single",
+            layer_paths=dict(cand.options.get("layer_paths") or {}), unit_layers=list(cand.unit_layers),
+            unit_scores={k: s.scores.clone() for k, s in cand.unitmem.items()},
+            class_scores={k: s.scores.clone() for k, s in cand.classmem.items()},
+            unit_points={k: s.argmax.clone() for k, s in cand.unitmem.items()},
+            top_points=[card(i, v) for i, v in self.top_points],
+            unit_gallery=[card(k, v, f"{layer} unit {u}") for v, layer, u, k in picks],
+            options=self._options,
+        )
 
     def _split_rows(self, ctl: ProbeResult, name: str) -> torch.Tensor:
         return torch.isin(ctl.indices, self.probe.controls[name])
@@ -285,11 +363,3 @@ class Monitor:
         order = topk_indices(scores, min(self.top_k, scores.numel()))
         self.top_points = [(int(cand.indices[i]), float(scores[i])) for i in order]
         return {key: float(v) for key, v in out.items()}
-
-    def _log(self, metrics: dict[str, float]) -> None:
-        from .board import TensorBoardLogger
-
-        if self._logger is None:
-            assert self.log_dir is not None
-            self._logger = TensorBoardLogger(self.log_dir, options=self.config.options())
-        self._logger.log_probe(self.steps, metrics, self)

@@ -56,7 +56,9 @@ def _scalars(folder: Path) -> dict[str, dict[int, float]]:
 
     ea = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     ea.Reload()
-    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+    from memsurgery.loggers import metric_key
+
+    return {metric_key(tag): {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
 
 
 TINY = ["--epochs", "2", "--batch-size", "16"]

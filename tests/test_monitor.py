@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from memsurgery.data import twin_split
+from memsurgery.loggers import chart_tag
 from memsurgery.models import build_encoder
 from memsurgery.monitor import Monitor, ProbeSet
 from memsurgery.probe import ProbeConfig
@@ -76,19 +77,26 @@ def test_twin_training_with_monitor_and_tensorboard_read_back(data, tmp_path, co
     ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
     ea.Reload()
     tags = ea.Tags()
+    rec = mon.last_record
+    assert rec is not None and rec.layers == list(CFG.layers) and rec.unit_layers == list(CFG.unit_layers)
     for step, metrics in mon.history:
         for key, value in metrics.items():
-            events = {e.step: e.value for e in ea.Scalars(key)}
+            events = {e.step: e.value for e in ea.Scalars(chart_tag(key, rec.layers, rec.unit_layers))}
             if math.isnan(value):
                 assert math.isnan(events[step])
             else:
                 assert events[step] == pytest.approx(value, rel=1e-6, abs=1e-7), key
-    assert {"unitmem/conv2", "unitmem/conv8", "classmem/conv8"} <= set(tags["histograms"])
-    hist = ea.Histograms("unitmem/conv8")[-1].histogram_value
+    assert len(tags["scalars"]) == len(final)  # one curve per metric, none twice
+    # the curves sort by importance, then in forward order
+    assert sorted(tags["scalars"])[:len(CFG.layers)] == [f"1.layermem/{i:02d}.{n}" for i, n in enumerate(CFG.layers, 1)]
+    assert {"hist.unitmem/01.conv2", "hist.unitmem/02.conv8", "hist.classmem/02.conv8"} <= set(tags["histograms"])
+    hist = ea.Histograms("hist.unitmem/02.conv8")[-1].histogram_value
     assert hist.num == mon.last.unitmem["conv8"].valid_scores().numel()
     assert hist.sum == pytest.approx(float(mon.last.unitmem["conv8"].valid_scores().sum()), rel=1e-5)
-    assert {"profile/layermem", "profile/delta_layermem", "top_memorized"} <= set(tags["images"])
-    assert ea.Images("top_memorized")[-1].width > 16 * 4
+    figures = {"figures/1.profile", "figures/2.layer_x_step", "figures/3.top_memorized", "figures/4.unit_gallery"}
+    assert figures <= set(tags["images"])
+    assert all(len(ea.Images(t)) == 2 for t in figures)  # one per probe
+    assert ea.Images("figures/3.top_memorized")[-1].width >= 600  # large enough to see
 
 
 def test_single_encoder_estimate_matches_hand_computation(data):
