@@ -20,13 +20,35 @@ def _load(name: str):
     return module
 
 
+def _events(folder):
+    """Every event file under ``folder``, read back: {kind: {tag: [(step, value)]}} and the files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[str, list]] = {"scalars": {}, "histograms": {}, "images": {}}
+    files = sorted(Path(folder).rglob("events.out.tfevents.*"))
+    for f in files:
+        ea = EventAccumulator(str(f), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+        ea.Reload()
+        for kind in out:
+            for tag in ea.Tags()[kind]:
+                events = getattr(ea, kind.capitalize())(tag)
+                out[kind].setdefault(tag, []).extend((e.step, getattr(e, "value", None)) for e in events)
+    return out, files
+
+
+LIGHTNING_WARNINGS = ("ignore:.*LeafSpec.*:DeprecationWarning", "ignore:.*LeafSpec.*:FutureWarning",
+                      "ignore::UserWarning:lightning", "ignore:The function `to_tensor:UserWarning")
+
+
 # lightning's own pytree helper trips a torch deprecation warning (not our code)
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning", "ignore:.*LeafSpec.*:FutureWarning", "ignore::UserWarning:lightning")
-@pytest.mark.filterwarnings("ignore:The function `to_tensor:UserWarning")
-def test_lightning_callback(tmp_path, count_hooks, demo_folder):
+@pytest.mark.filterwarnings(*LIGHTNING_WARNINGS)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_probes_reach_its_logger_at_their_own_steps(tmp_path, count_hooks, demo_folder, accumulate):
     pytest.importorskip("lightning")
     import lightning as L
     from memsurgery.integrations.lightning import MemorizationCallback
+
+    from memsurgery.loggers import chart_tag
 
     ex = _load("lightning_simclr")
     captured = {}
@@ -38,32 +60,104 @@ def test_lightning_callback(tmp_path, count_hooks, demo_folder):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(L.Trainer, "fit", fit)
-    try:
-        final = ex.main(["--data", str(demo_folder), "--steps", "4", "--every", "2", "--batch-size", "8",
-                         "--max-points", "12", "--output", str(tmp_path)])
+    try:  # log_every_n_steps=50 (Lightning's default) and a probe every 10 steps: nothing may be dropped
+        ex.main(["--data", str(demo_folder), "--steps", "20", "--every", "10", "--batch-size", "8",
+                 "--max-points", "12", "--output", str(tmp_path), "--log-every-n-steps", "50",
+                 "--accumulate", str(accumulate)])
     finally:
         mp.undo()
     trainer = captured["trainer"]
     cb = next(c for c in trainer.callbacks if isinstance(c, MemorizationCallback))
-    assert [s for s, _ in cb.monitor.history] == [2, 4]
-    assert "memsurgery/layermem_est/layer4.1" in trainer.callback_metrics
-    assert float(trainer.callback_metrics["memsurgery/layermem_est/layer4.1"]) == pytest.approx(final["layermem_est/layer4.1"], abs=1e-6)
-    assert cb.state_dict() == cb.monitor.state_dict() and cb.state_key == "memsurgery_monitor"
+    mon = cb.monitor
+    assert [s for s, _ in mon.history] == [10, 20]  # once per optimizer step, never per micro-batch
+    assert trainer.global_step == 20
+    assert cb.state_dict() == mon.state_dict() and cb.state_key == "memsurgery_monitor"
     assert count_hooks(captured["module"]) == 0
-    assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
+    run = Path(trainer.logger.log_dir)
+    events, files = _events(tmp_path)
+    assert files and all(f.parent == run for f in files)  # one run: Lightning's
+    rec = mon.last_record
+    for step, metrics in mon.history:
+        for key, value in metrics.items():
+            tag = "memsurgery/" + chart_tag(key, rec.layers, rec.unit_layers)
+            got = dict(events["scalars"][tag])
+            assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-7, nan_ok=True), tag
+    ours = {t: v for t, v in events["scalars"].items() if t.startswith("memsurgery/")}
+    assert len(ours) == len(mon.history[-1][1])  # each curve once, under one name
+    assert all(sorted(s for s, _ in v) == [10, 20] for v in ours.values())  # each probe once
+    assert any(t.startswith("memsurgery/hist.unitmem/") for t in events["histograms"])
+    for name in ("1.profile", "2.layer_x_step", "3.top_memorized", "4.unit_gallery"):
+        assert sorted(s for s, _ in events["images"][f"memsurgery/figures/{name}"]) == [10, 20]
+
+
+@pytest.mark.filterwarnings(*LIGHTNING_WARNINGS)
+def test_lightning_log_dir_in_the_run_folder_is_not_written_twice(tmp_path):
+    pytest.importorskip("lightning")
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger as LightningTB
+    from memsurgery.integrations.lightning import MemorizationCallback
+    from torch import nn
+
+    import memsurgery
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1))
+
+        def training_step(self, batch, batch_idx):
+            return self.backbone(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    images = torch.rand(24, 3, 12, 12)
+    module = Module()
+    logger = LightningTB(str(tmp_path), name="run")
+    probe = memsurgery.ProbeSet(images, torch.arange(12), {"extra": torch.arange(12, 24)})
+    mon = memsurgery.Monitor(module.backbone, probe, config=memsurgery.ProbeConfig(layers=("0", "2"), unit_layers=None),
+                             every_n_steps=3, log_dir=logger.log_dir)
+    trainer = L.Trainer(max_steps=6, logger=logger, accelerator="cpu", enable_progress_bar=False, log_every_n_steps=1,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[MemorizationCallback(mon)])
+    with pytest.warns(UserWarning, match="writes into Lightning's TensorBoard run instead"):
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4))
+    events, files = _events(tmp_path)
+    assert len({f.parent for f in files}) == 1
+    ours = {t: v for t, v in events["scalars"].items() if "layermem" in t}
+    assert ours and all(t.startswith("memsurgery/") for t in ours)  # no second copy under other names
+    assert all(sorted(s for s, _ in v) == [3, 6] for v in ours.values())
+
+
+def _hf_example(tmp_path, demo_folder, *extra):
+    ex = _load("hf_simclr")
+    return ex.main(["--data", str(demo_folder), "--steps", "20", "--every", "10", "--batch-size", "8",
+                    "--max-points", "12", "--output", str(tmp_path), "--logging-steps", "3", *extra])
 
 
 @pytest.mark.filterwarnings("ignore:The function `to_tensor:UserWarning")
-def test_hf_trainer_callback(tmp_path, demo_folder):
+def test_hf_trainer_probes_reach_report_to_in_the_default_callback_order(tmp_path, demo_folder):
     pytest.importorskip("transformers")
     from memsurgery.integrations.hf import SIDECAR, MemorizationTrainerCallback
 
-    ex = _load("hf_simclr")
-    history = ex.main(["--data", str(demo_folder), "--steps", "4", "--every", "2", "--batch-size", "8",
-                       "--max-points", "12", "--output", str(tmp_path)])
+    plain = _hf_example(tmp_path / "plain", demo_folder, "--plain")
+    history = _hf_example(tmp_path / "mem", demo_folder)
+    loss_steps = [r["step"] for r in history if "loss" in r]
+    assert loss_steps == [r["step"] for r in plain if "loss" in r] == [3, 6, 9, 12, 15, 18]  # as without memsurgery
     logged = {row["step"]: row for row in history if "memsurgery/layermem_est/layer4.1" in row}
-    assert sorted(logged) == [2, 4]
-    sidecar = tmp_path / "checkpoint-4" / SIDECAR
+    assert sorted(logged) == [10, 20]
+    # HF's own TensorBoard run (TensorBoardCallback first in the callback list) holds the probes
+    events, files = _events(tmp_path / "mem")
+    assert files and len({f.parent for f in files}) == 1
+    scalars = events["scalars"]
+    assert [s for s, _ in scalars["train/loss"]] == loss_steps
+    est = [t for t in scalars if t.startswith("train/memsurgery/3.layermem_est/")]
+    assert est and all(sorted(s for s, _ in scalars[t]) == [10, 20] for t in est)
+    tag = next(t for t in est if t.endswith(".layer4.1"))
+    assert dict(scalars[tag])[20] == pytest.approx(logged[20]["memsurgery/layermem_est/layer4.1"], rel=1e-6)
+    assert sorted(s for s, _ in events["images"]["train/memsurgery/figures/1.profile"]) == [10, 20]
+    sidecar = tmp_path / "mem" / "checkpoint-20" / SIDECAR
     assert sidecar.is_file()
 
     class FakeMonitor:
@@ -73,9 +167,9 @@ def test_hf_trainer_callback(tmp_path, demo_folder):
             self.state = state
 
     cb = MemorizationTrainerCallback(FakeMonitor())
-    cb.load_sidecar(tmp_path / "checkpoint-4")
-    assert [s for s, _ in cb.monitor.state["history"]] == [2, 4]
-    assert cb.monitor.state["history"][-1][1]["layermem_est/layer4.1"] == pytest.approx(logged[4]["memsurgery/layermem_est/layer4.1"])
+    cb.load_sidecar(tmp_path / "mem" / "checkpoint-20")
+    assert [s for s, _ in cb.monitor.state["history"]] == [10, 20]
+    assert cb.monitor.state["history"][-1][1]["layermem_est/layer4.1"] == pytest.approx(logged[20]["memsurgery/layermem_est/layer4.1"])
     with pytest.raises(FileNotFoundError, match=r"no memsurgery_monitor\.json"):
         cb.load_sidecar(tmp_path)
 

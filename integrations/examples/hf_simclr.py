@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--max-points", type=int, default=500)
     ap.add_argument("--output", default="runs/hf")
+    ap.add_argument("--logging-steps", type=int, default=10, help="the Trainer's logging_steps (the loss)")
+    ap.add_argument("--report-to", nargs="*", default=["tensorboard"], help="the Trainer's report_to integrations")
+    ap.add_argument("--plain", action="store_true", help="train without memsurgery (to compare)")
     args = ap.parse_args(argv)
     if args.data is None:
         from memsurgery.data import demo_image_folder
@@ -75,16 +78,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     test = torchvision.datasets.ImageFolder(os.path.join(args.data, "test"))
     probe = memsurgery.ProbeSet.from_datasets(folder, range(len(folder)), never_seen=test, max_points=args.max_points)
+    # the probes go wherever report_to sends the loss (HF's TensorBoard run here), at their own steps
     mon = memsurgery.Monitor(model.backbone, probe, config=memsurgery.ProbeConfig(views=transform),
-                             every_n_steps=args.every, log_dir=os.path.join(args.output, "tb"))
+                             every_n_steps=args.every)
     targs = TrainingArguments(output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-                              learning_rate=0.06, optim="sgd", logging_steps=args.every, save_steps=args.every,
-                              report_to=[], dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-                              use_cpu=not torch.cuda.is_available())
+                              learning_rate=0.06, optim="sgd", logging_steps=args.logging_steps, save_steps=args.every,
+                              report_to=args.report_to, dataloader_num_workers=0, remove_unused_columns=False,
+                              disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     trainer = Trainer(model=model, args=targs, train_dataset=TwoViewDataset(folder),
-                      callbacks=[MemorizationTrainerCallback(mon)])
+                      callbacks=[] if args.plain else [MemorizationTrainerCallback(mon)])
     trainer.train()
-    mon.close()
     return trainer.state.log_history
 
 

@@ -4,8 +4,9 @@ Lightning style), monitored with memsurgery's Lightning callback.
     python integrations/examples/lightning_simclr.py --data <root with train/ and test/> --epochs 10
 
 The monitor estimates LayerMem of the backbone from never-seen points (the test folder) every
-``--every`` steps, with the training transform's views; its results go to Lightning's logger
-(``self.log_dict``, under ``memsurgery/``) and to TensorBoard under ``<output>/tb``. Without
+``--every`` optimizer steps, with the training transform's views; its results go to the Trainer's
+logger (Lightning's TensorBoard run under ``<output>/lightning_logs``: curves under ``memsurgery/``,
+with the histograms, figures and images in the same run). Without
 ``--data`` it trains on scikit-learn's digits written as an ImageFolder (no download).
 """
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--max-points", type=int, default=500)
     ap.add_argument("--output", default="runs/lightning")
+    ap.add_argument("--log-every-n-steps", type=int, default=50, help="the Trainer's log_every_n_steps (the loss)")
+    ap.add_argument("--accumulate", type=int, default=1, help="the Trainer's accumulate_grad_batches")
     args = ap.parse_args(argv)
     if args.data is None:
         from memsurgery.data import demo_image_folder
@@ -71,10 +74,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test = torchvision.datasets.ImageFolder(os.path.join(args.data, "test"))
     probe = memsurgery.ProbeSet.from_datasets(dataset, range(len(dataset)), never_seen=test, max_points=args.max_points)
     mon = memsurgery.Monitor(model.backbone, probe, config=memsurgery.ProbeConfig(views=transform),
-                             every_n_steps=args.every, log_dir=os.path.join(args.output, "tb"))
-    trainer = L.Trainer(max_epochs=args.epochs, max_steps=args.steps, accelerator="auto", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[MemorizationCallback(mon)])
+                             every_n_steps=args.every)
+    trainer = L.Trainer(max_epochs=args.epochs, max_steps=args.steps, accelerator="auto", devices=1,
+                        default_root_dir=args.output, log_every_n_steps=args.log_every_n_steps,
+                        accumulate_grad_batches=args.accumulate, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[MemorizationCallback(mon)])
     trainer.fit(model, loader)
     final = mon.compute()
     print({k: round(v, 4) for k, v in final.items() if k.startswith("layermem_est/")})
