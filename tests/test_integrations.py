@@ -193,3 +193,49 @@ def test_plain_accelerate_loop_example(tmp_path, demo_folder):
     assert {"layermem/layer4.1", "delta_layermem/layer4.1", "sslmem/candidates",
             "sslmem/independent", "ttest_p/candidates>independent"} <= set(final)
     assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.filterwarnings("ignore:The function `to_tensor:UserWarning")
+def test_hf_trainer_probes_reach_wandb_and_mlflow(tmp_path, demo_folder, monkeypatch):
+    pytest.importorskip("transformers")
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import importlib.util
+    import math
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    uri = "file:" + str(tmp_path / "mlruns")
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                       "WANDB_DISABLE_CODE": "true", "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_TRACKING_URI": uri,
+                       "MLFLOW_EXPERIMENT_NAME": "hf"}.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(uri)
+    try:
+        history = _hf_example(tmp_path / "out", demo_folder, "--report-to", "wandb", "mlflow")
+    finally:
+        wandb.finish()
+        if mlflow.active_run():
+            mlflow.end_run()
+    probes = {r["step"]: r for r in history if "memsurgery/layermem_est/layer4.1" in r}
+    assert sorted(probes) == [10, 20]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = reader.history(run_file)
+    ours = {r["train/global_step"]: r for r in rows if "train/memsurgery/layermem_est/layer4.1" in r}
+    assert sorted(ours) == [10, 20]  # on HF's step axis
+    for step, row in probes.items():
+        for key, value in row.items():
+            if key.startswith("memsurgery/") and not math.isnan(value):
+                assert ours[step]["train/" + key] == pytest.approx(value), key
+    media = [r for r in rows if any(k.startswith("train/memsurgery/figures/") for k in r)]
+    assert sorted(r["train/global_step"] for r in media) == [10, 20]  # and the figures, in the same run
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hf").experiment_id])
+    hist = client.get_metric_history(run.info.run_id, "memsurgery/layermem_est/layer4.1")
+    assert [m.step for m in hist] == [10, 20]
+    assert hist[-1].value == pytest.approx(probes[20]["memsurgery/layermem_est/layer4.1"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6, 9, 12, 15, 18]
