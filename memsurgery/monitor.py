@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -263,6 +264,7 @@ class Monitor:
             g, info = self._checkpoints.at(self.steps)
             if g is None:
                 return {}
+        t0 = time.perf_counter()
         cand = run_probe(self.model, p.images, p.candidates, reference=g, config=self.config)
         ctl = None
         if p.controls:
@@ -275,6 +277,7 @@ class Monitor:
         self.last, self.last_controls = cand, ctl
         self.history.append((self.steps, metrics))
         self.last_record = self._record(cand, metrics)
+        self.last_record.seconds = time.perf_counter() - t0
         if self.loggers:
             from .loggers.base import dispatch
             from .probe import _world

@@ -36,6 +36,16 @@ def test_two_processes_equal_one(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
           str(WORKER), str(two)], tmp_path)
     a, b = torch.load(one), torch.load(two)
+    # the monitor's logger: rank 0 alone wrote one line per probe, with the single process's values
+    from memsurgery.loggers import read_jsonl
+
+    rows_a, rows_b = read_jsonl(one.with_suffix(".jsonl")), read_jsonl(two.with_suffix(".jsonl"))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [2, 4]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["scalars"].keys() == rb["scalars"].keys()
+        for k, v in ra["scalars"].items():
+            assert (v is None and rb["scalars"][k] is None) or abs(v - rb["scalars"][k]) <= 1e-5, k
+        assert [p["index"] for p in ra["top_points"]] == [p["index"] for p in rb["top_points"]]
     assert a["world"] == 1 and b["world"] == 2
     assert torch.equal(a["indices"], b["indices"])
     torch.testing.assert_close(b["sslmem"], a["sslmem"], rtol=0, atol=1e-5)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,12 +166,12 @@ def test_no_logger_imports_the_monitor_or_the_probe_runner():
 
 
 def test_a_failing_figure_is_raised_not_lost(setup, monkeypatch):
-    from memsurgery.loggers import tensorboard as tb_module
+    from memsurgery.loggers import media
 
     def broken(record, timeline):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(tb_module, "probe_figures", broken)
+    monkeypatch.setattr(media, "_figures", broken)
     writer = type("W", (), {"add_scalar": lambda *a, **k: None, "add_histogram": lambda *a, **k: None,
                             "add_text": lambda *a, **k: None, "add_custom_scalars": lambda *a, **k: None,
                             "flush": lambda self: None})()
@@ -307,3 +308,32 @@ def test_accelerate_tensorboard_tracker_gets_scalars_and_media_in_one_run(setup,
             assert got[step] == pytest.approx(value, nan_ok=True), key
     assert "memsurgery/figures/2.layer_x_step" in tags["images"]
     assert any(t.startswith("memsurgery/hist.unitmem/") for t in tags["histograms"])
+
+
+def test_figures_stay_within_their_time_budget(setup):
+    from memsurgery.loggers.media import FigureSchedule
+
+    mon = _monitor(setup)
+    mon.probe_now()
+    base = mon.last_record
+    import dataclasses
+
+    def records(seconds):
+        return [dataclasses.replace(base, step=s, seconds=seconds) for s in (1, 2, 3, 4, 5)]
+
+    tight = FigureSchedule(0.05)
+    drawn = [tight.figures(r) is not None for r in records(1e-4)]  # probes far cheaper than drawing
+    assert drawn == [True, False, False, False, False]  # the first probe always
+    record, figures = tight.final()  # the last one at the end
+    assert record.step == 5 and [n for n, _, _ in figures] == ["1.profile", "2.layer_x_step", "3.top_memorized",
+                                                                "4.unit_gallery"]
+    assert tight.drawn == [1, 5] and tight.skipped == [2, 3, 4] and tight.final() is None
+    assert tight.timeline.steps == [1, 2, 3, 4, 5]  # every probe is in the heatmap
+    loose = FigureSchedule(None)
+    assert all(loose.figures(r) is not None for r in records(1e-4)) and loose.final() is None
+    generous = FigureSchedule(0.05)
+    assert all(generous.figures(r) is not None for r in records(1e4))  # slow probes: every one drawn
+    with pytest.raises(ValueError, match="figure_budget must be a positive fraction"):
+        FigureSchedule(0)
+    for rgb in (f[1] for f in figures):
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.std() > 0  # drawn, not blank

@@ -46,44 +46,51 @@ def _families(record: ProbeRecord) -> list[str]:
 
 
 def _label(name: str, path: str | None) -> str:
-    return name if not path or path == name else f"{name}  ({path})"
+    return name if not path or path == name else f"{name} ({path})"
 
 
-def _grid(n_panels: int, labels: Sequence[str], panel_w: float, row_h: float, extra_h: float) -> tuple[Any, Any]:
-    """A figure of ``n_panels`` side-by-side panels sharing the layer axis, with a left margin
-    wide enough for the longest layer label (no layout engine: drawing stays cheap)."""
-    n_panels = max(n_panels, 1)
-    left = 0.25 + 0.075 * max((len(t) for t in labels), default=4)  # inches, about 7.5 px per character at 9 pt
-    width, height = left + panel_w * n_panels + 0.3, row_h * max(len(labels), 1) + extra_h
-    fig = _figure(width, height)
-    fig.subplots_adjust(left=left / width, right=1 - 0.3 / width, bottom=0.6 / height, top=1 - 0.75 / height,
-                        wspace=0.45)
-    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+WIDTH = 5.0  # inches at 100 dpi: 500 px, about TensorBoard's image card (shown at 0.7-1x)
+FONT = 10.5
+
+
+def _stack(rows: Sequence[int], labels: Sequence[str], row_h: float = 0.3) -> tuple[Any, list[Any]]:
+    """A figure of panels stacked top to bottom (``rows[i]`` layers in panel i), ``WIDTH`` wide,
+    with a left margin wide enough for the longest layer label (no layout engine: cheap to draw)."""
+    rows = list(rows) or [1]
+    left = 0.3 + 0.085 * max((len(t) for t in labels), default=4)  # inches: about 8.5 px a character
+    head, gap, foot = 0.75, 0.75, 0.45
+    heights = [row_h * max(n, 1) + 0.1 for n in rows]
+    height = head + sum(heights) + gap * (len(rows) - 1) + foot
+    fig = _figure(WIDTH, height)
+    axes, top = [], head
+    for h in heights:
+        axes.append(fig.add_axes((left / WIDTH, 1 - (top + h) / height, 1 - (left + 0.95) / WIDTH, h / height)))
+        top += h + gap
     return fig, axes
 
 
 def profile_figure(record: ProbeRecord) -> Any:
-    """Per-layer horizontal bars of this probe, one panel per family, layers in forward order
-    (top to bottom) with their full names (and module paths where they differ)."""
+    """Per-layer horizontal bars of this probe, one panel per family (LayerMem or its estimate,
+    ΔLayerMem, UnitMem mean), stacked; layers in forward order, top to bottom, with their full
+    names (and module paths where they differ)."""
     fams = _families(record)
-    names = list(record.profile(fams[0])) if fams else []
-    labels = [_label(k, record.layer_paths.get(k)) for k in names]
-    fig, axes = _grid(len(fams), labels, 3.6, 0.3, 1.4)
-    for j, (ax, fam) in enumerate(zip(axes, fams, strict=False)):
-        prof = record.profile(fam)
-        own = list(prof)
-        vals = np.array([prof[k] for k in own], dtype=float)
+    profiles = [record.profile(f) for f in fams]
+    labels = [_label(k, record.layer_paths.get(k)) for p in profiles for k in p]
+    fig, axes = _stack([len(p) for p in profiles], labels)
+    for ax, fam, prof in zip(axes, fams, profiles, strict=False):
+        names = list(prof)
+        vals = np.array([prof[k] for k in names], dtype=float)
         colours = np.where(np.nan_to_num(vals) >= 0, "#2e7d32", "#c62828")
-        y = np.arange(len(own))
+        y = np.arange(len(names))
         ax.barh(y, np.nan_to_num(vals), color=colours, height=0.7)
         ax.axvline(0, color="0.3", lw=0.8)
-        ax.set_title(TITLES.get(fam, fam), fontsize=10)
+        ax.set_title(TITLES.get(fam, fam), fontsize=FONT + 1, loc="left")
         ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(axis="x", labelsize=8)
-        ax.set_yticks(y, labels if j == 0 else ([""] * len(own) if own == names else own), fontsize=9)
-        ax.set_ylim(len(names) - 0.5, -0.5)  # the first layer on top, rows aligned across panels
-    fig.suptitle(f"memorization per layer at step {record.step} ({'twin f vs g' if record.mode == 'twin' else 'single encoder'})",
-                 fontsize=11)
+        ax.tick_params(axis="x", labelsize=FONT - 1.5)
+        ax.set_yticks(y, [_label(k, record.layer_paths.get(k)) for k in names], fontsize=FONT)
+        ax.set_ylim(len(names) - 0.5, -0.5)  # the first layer on top
+    fig.text(0.02, 1 - 0.12 / fig.get_figheight(), f"per layer at step {record.step} "
+             f"({'twin f vs g' if record.mode == 'twin' else 'single encoder'})", fontsize=FONT + 2, va="top")
     return fig
 
 
@@ -114,12 +121,12 @@ class Timeline:
 
 
 def heatmap_figure(timeline: Timeline, layer_paths: dict[str, str] | None = None) -> Any:
-    """Layer x step heatmaps (rows in forward order), one panel per family; LayerMem and
+    """Layer x step heatmaps (rows in forward order), one panel per family, stacked; LayerMem and
     ΔLayerMem on a diverging scale centred at 0, UnitMem on [0, max]."""
     fams = [f for f in timeline.order if timeline.values.get(f)]
-    names = timeline.order[fams[0]] if fams else []
-    labels = [_label(k, (layer_paths or {}).get(k)) for k in names]
-    fig, axes = _grid(len(fams), labels, 4.0, 0.28, 1.5)
+    paths = layer_paths or {}
+    labels = [_label(k, paths.get(k)) for f in fams for k in timeline.order[f]]
+    fig, axes = _stack([len(timeline.order[f]) for f in fams], labels, row_h=0.27)
     steps = timeline.steps
     for ax, fam in zip(axes, fams, strict=False):
         own = timeline.order[fam]
@@ -131,26 +138,26 @@ def heatmap_figure(timeline: Timeline, layer_paths: dict[str, str] | None = None
             lim = float(np.abs(finite).max()) if finite.size else 0.0
             kw = {"cmap": "RdBu_r", "vmin": -(lim or 1.0), "vmax": lim or 1.0}
         im = ax.imshow(m, aspect="auto", interpolation="nearest", **kw)
-        ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
-        ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=8)
-        ax.set_xlabel("training step", fontsize=9)
-        ax.set_title(TITLES.get(fam, fam), fontsize=10)
-        cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03)
-        cb.ax.tick_params(labelsize=7)
-        ax.set_yticks(np.arange(len(own)), labels if own == names and ax is axes[0] else
-                      ([""] * len(own) if own == names else own), fontsize=9)
-        ax.set_ylim(max(len(names), len(own)) - 0.5, -0.5)
-    fig.suptitle(f"memorization per layer over training ({len(steps)} probe{'s' if len(steps) != 1 else ''})", fontsize=11)
+        ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=FONT - 1.5)
+        ax.set_yticks(np.arange(len(own)), [_label(k, paths.get(k)) for k in own], fontsize=FONT)
+        ax.set_title(TITLES.get(fam, fam), fontsize=FONT + 1, loc="left")
+        cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+        cb.ax.tick_params(labelsize=FONT - 2)
+    if len(axes):
+        axes[-1].set_xlabel("training step", fontsize=FONT)
+    fig.text(0.02, 1 - 0.12 / fig.get_figheight(), f"per layer over training ({len(steps)} probe"
+             f"{'s' if len(steps) != 1 else ''})", fontsize=FONT + 2, va="top")
     return fig
 
 
-def points_figure(cards: Sequence[PointCard], title: str, columns: int = 8, cell: int = 112) -> Any:
+def points_figure(cards: Sequence[PointCard], title: str, columns: int = 4, cell: int = 112) -> Any:
     """A grid of captioned point images, each upscaled (nearest) to ``cell`` pixels, in one
     mosaic: cheap to draw whatever the number of points."""
     cards = [c for c in cards if c.image is not None]
     rows = max(1, math.ceil(len(cards) / columns))
     cols = min(columns, max(len(cards), 1))
-    cap = 34  # caption pixels under each image
+    cap = 52 if any(c.what for c in cards) else 38  # caption pixels under each image (2-3 lines)
     pad = 8
     mosaic = np.full((rows * (cell + cap + pad), cols * (cell + pad), 3), 255, dtype=np.uint8)
     for k, c in enumerate(cards):
@@ -173,7 +180,7 @@ def points_figure(cards: Sequence[PointCard], title: str, columns: int = 8, cell
         r, q = divmod(k, cols)
         x = q * (cell + pad) + pad // 2 + cell / 2
         y = head + r * (cell + cap + pad) + pad // 2 + cell + 3  # from the top, in pixels
-        text = (f"{c.what}\n" if c.what else "") + c.caption(12)
-        fig.text(x / width_px, 1 - y / height_px, text, ha="center", va="top", fontsize=7.5, linespacing=1.1)
-    fig.text(0.5, 1 - 8 / height_px, title, ha="center", va="top", fontsize=11)
+        text = "\n".join(([c.what] if c.what else []) + c.caption(12).rsplit(" · ", 1))  # who, then the score
+        fig.text(x / width_px, 1 - y / height_px, text, ha="center", va="top", fontsize=8.5, linespacing=1.1)
+    fig.text(0.5, 1 - 8 / height_px, title, ha="center", va="top", fontsize=10, wrap=True)
     return fig

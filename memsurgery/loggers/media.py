@@ -1,18 +1,75 @@
-"""The figures of one probe, rendered once per logger call: shared by the image-capable backends."""
+"""The figures of the probes, drawn for the image-capable backends within a time budget.
+
+Drawing (matplotlib) costs about 0.3-0.5 s a probe on two CPU cores, a third of a quickstart
+probe. A :class:`FigureSchedule` draws them for a probe only while the drawing so far stays within
+``budget`` (a fraction, default 5%) of the probes' own time so far; the first probe is always
+drawn, and so is the last one (at ``finish``) when its turn was skipped. Every probe still enters
+the layer x step heatmap, and scalars, histograms and text are written for every probe.
+``budget=None`` draws every probe.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
-from .figures import Timeline, heatmap_figure, points_figure, profile_figure
+import numpy as np
+
+from .figures import Timeline, heatmap_figure, points_figure, profile_figure, to_rgb
 from .record import ProbeRecord
 
+DEFAULT_BUDGET = 0.05
 
-def probe_figures(record: ProbeRecord, timeline: Timeline) -> list[tuple[str, Any, str]]:
-    """``[(name, matplotlib Figure, caption)]``: profile, layer x step heatmap, the most memorized
-    points and the unit gallery (the last two when the record has them). Adds ``record`` to
-    ``timeline`` first."""
-    timeline.add(record)
+Drawn = list[tuple[str, np.ndarray, str]]
+
+
+class FigureSchedule:
+    """Args:
+        budget: the drawing time allowed, as a fraction of the probes' own time (None: no limit).
+    """
+
+    def __init__(self, budget: float | None = DEFAULT_BUDGET) -> None:
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise ValueError(f"figure_budget must be a positive fraction of the probe's time (0.05: 5%) or None, got {budget!r}")
+        self.budget = budget
+        self.timeline = Timeline()
+        self.probe_s = 0.0
+        self.draw_s = 0.0
+        self.drawn: list[int] = []
+        self.skipped: list[int] = []
+        self._pending: ProbeRecord | None = None
+
+    def figures(self, record: ProbeRecord) -> Drawn | None:
+        """The figures of ``record`` (in probe order), or None when the budget says skip."""
+        self.timeline.add(record)
+        self.probe_s += max(record.seconds, 0.0)
+        if self.drawn and self.budget is not None:
+            estimate = self.draw_s / len(self.drawn)
+            if self.draw_s + estimate > self.budget * self.probe_s:
+                self._pending = record
+                self.skipped.append(record.step)
+                return None
+        return self._draw(record)
+
+    def final(self) -> tuple[ProbeRecord, Drawn] | None:
+        """The last probe's figures when its turn was skipped (called once, at the end)."""
+        record, self._pending = self._pending, None
+        if record is None:
+            return None
+        self.skipped.remove(record.step)
+        return record, self._draw(record)
+
+    def _draw(self, record: ProbeRecord) -> Drawn:
+        self._pending = None
+        import matplotlib.backends.backend_agg  # noqa: F401  (a one-time import, not drawing: outside the budget)
+
+        t = time.perf_counter()
+        out = [(name, to_rgb(fig), caption) for name, fig, caption in _figures(record, self.timeline)]
+        self.draw_s += time.perf_counter() - t
+        self.drawn.append(record.step)
+        return out
+
+
+def _figures(record: ProbeRecord, timeline: Timeline) -> list[tuple[str, object, str]]:
     what = "final-layer SSLMem'" if record.mode == "twin" else "final-layer LayerMem estimate"
     out = [("1.profile", profile_figure(record), f"memorization per layer at step {record.step}"),
            ("2.layer_x_step", heatmap_figure(timeline, record.layer_paths), "memorization per layer over training")]

@@ -15,8 +15,7 @@ import time
 from typing import Any
 
 from .base import ProbeLogger, register_logger
-from .figures import Timeline
-from .media import probe_figures
+from .media import DEFAULT_BUDGET, FigureSchedule
 from .record import ProbeRecord, safe_key
 from .worker import Worker
 
@@ -29,6 +28,7 @@ class MLflowLogger(ProbeLogger):
         experiment: the experiment of a run of its own.
         prefix / scalars / media: as for the other loggers.
         background: draw and upload the figures in a background thread.
+        figure_budget: as for :class:`~memsurgery.loggers.TensorBoardLogger`.
 
     Example:
         >>> MLflowLogger(tracking_uri="file:./mlruns", experiment="simclr")
@@ -38,12 +38,12 @@ class MLflowLogger(ProbeLogger):
 
     def __init__(self, run_id: str | None = None, *, tracking_uri: str | None = None, experiment: str = "memsurgery",
                  run_name: str | None = None, prefix: str = "memsurgery/", scalars: bool = True, media: bool = True,
-                 background: bool = True) -> None:
+                 background: bool = True, figure_budget: float | None = DEFAULT_BUDGET) -> None:
         self.run_id, self.tracking_uri, self.experiment, self.run_name = run_id, tracking_uri, experiment, run_name
         self.prefix, self.scalars, self.media = prefix, scalars, media
         self.owns_run = False
         self.client: Any = None
-        self.timeline = Timeline()
+        self.figures = FigureSchedule(figure_budget)
         self.worker = Worker(f"memsurgery-{self.name}", background)
 
     def _client(self) -> Any:
@@ -78,15 +78,27 @@ class MLflowLogger(ProbeLogger):
 
     def _media(self, client: Any, record: ProbeRecord) -> None:
         folder = f"{safe_key(self.prefix)}step_{record.step:08d}"
-        for name, fig, _ in probe_figures(record, self.timeline):
-            client.log_figure(self.run_id, fig, f"{folder}/{name}.png")
+        self._images(client, folder, self.figures.figures(record) or [])
         units = {"step": record.step,
                  "unit_scores": {k: [x if x == x else None for x in v.tolist()] for k, v in record.unit_scores.items()},
                  "unit_points": {k: v.tolist() for k, v in record.unit_points.items()},
                  "top_points": [c.to_json() for c in record.top_points]}
         client.log_dict(self.run_id, units, f"{folder}/units.json")
 
+    def _images(self, client: Any, folder: str, drawn: list[tuple[str, Any, str]]) -> None:
+        for name, rgb, _ in drawn:
+            client.log_image(self.run_id, rgb, artifact_file=f"{folder}/{name}.png")
+
     def finish(self) -> None:
+        if self.client is not None:
+            client = self.client
+
+            def last() -> None:
+                final = self.figures.final()
+                if final is not None:
+                    self._images(client, f"{safe_key(self.prefix)}step_{final[0].step:08d}", final[1])
+
+            self.worker.submit(last)
         self.worker.stop()
         if self.owns_run and self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id)

@@ -69,6 +69,7 @@ class ProbeRecord:
         top_points: the most memorized points, most first, with images and captions.
         unit_gallery: the points the most selective units fire for, most selective first.
         options: how the probe measured (``ProbeConfig.options()``).
+        seconds: how long the probe took (the loggers' figure budget is a fraction of it).
     """
 
     step: int
@@ -83,6 +84,7 @@ class ProbeRecord:
     top_points: list[PointCard] = field(default_factory=list)
     unit_gallery: list[PointCard] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def profile(self, family: str) -> dict[str, float]:
         """``{layer: value}`` of one family (:data:`FAMILIES`) in forward order; {} when absent."""
@@ -102,7 +104,7 @@ class ProbeRecord:
     def to_json(self, units: bool = True) -> dict[str, Any]:
         """A JSON-able dict (no images; NaN as None): what :class:`JsonLinesLogger` writes."""
         out: dict[str, Any] = {
-            "step": self.step, "mode": self.mode, "layers": list(self.layers), "unit_layers": list(self.unit_layers),
+            "step": self.step, "mode": self.mode, "seconds": self.seconds, "layers": list(self.layers), "unit_layers": list(self.unit_layers),
             "layer_paths": dict(self.layer_paths), "scalars": {k: _num(v) for k, v in self.scalars.items()},
             "profiles": {f: {k: _num(v) for k, v in self.profile(f).items()} for f in self.families()},
             "top_points": [p.to_json() for p in self.top_points],

@@ -23,8 +23,7 @@ import re
 from typing import Any
 
 from .base import ProbeLogger, register_logger
-from .figures import Timeline, to_rgb
-from .media import probe_figures
+from .media import DEFAULT_BUDGET, FigureSchedule
 from .record import FAMILIES, ProbeRecord, chart_tag
 from .worker import Worker
 
@@ -40,6 +39,8 @@ class TensorBoardLogger(ProbeLogger):
         scalars: write the curves (False when a host logger writes them).
         media: write histograms, figures, images and text.
         background: draw the figures in a background thread (training goes on meanwhile).
+        figure_budget: draw a probe's figures only while drawing stays within this fraction of
+            the probes' time (the first and the last probe always; None: every probe).
 
     Example:
         >>> TensorBoardLogger("runs/x/mem")
@@ -50,7 +51,8 @@ class TensorBoardLogger(ProbeLogger):
     requires_logging_directory = True
 
     def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None, prefix: str = "",
-                 scalars: bool = True, media: bool = True, background: bool = True) -> None:
+                 scalars: bool = True, media: bool = True, background: bool = True,
+                 figure_budget: float | None = DEFAULT_BUDGET) -> None:
         if (log_dir is None) == (writer is None):
             raise ValueError("TensorBoardLogger needs exactly one of log_dir (a folder) or writer (a SummaryWriter)")
         if writer is not None and not hasattr(writer, "add_scalar"):
@@ -59,7 +61,7 @@ class TensorBoardLogger(ProbeLogger):
         self.writer = writer
         self.owns_writer = writer is None
         self.prefix, self.scalars, self.media = prefix, scalars, media
-        self.timeline = Timeline()
+        self.figures = FigureSchedule(figure_budget)
         self.worker = Worker(f"memsurgery-{self.name}", background)
         self._layout_done = False
 
@@ -100,9 +102,9 @@ class TensorBoardLogger(ProbeLogger):
                     w.add_histogram(f"{p}hist.{kind}/{j + 1:02d}.{layer}", valid.float(), step)
 
         def figures() -> None:
-            for name, fig, _ in probe_figures(record, self.timeline):
-                w.add_image(f"{p}figures/{name}", to_rgb(fig), step, dataformats="HWC")
-            w.flush()
+            drawn = self.figures.figures(record)
+            if drawn is not None:
+                self._images(w, step, drawn)
 
         self.worker.submit(figures)
         if record.top_points:
@@ -111,6 +113,11 @@ class TensorBoardLogger(ProbeLogger):
                 who = c.class_name or ("" if c.label is None else str(c.label))
                 rows.append(f"| {r} | {c.index} | {who} | {c.file or ''} | {c.score:+.4f} |")
             w.add_text(f"{p}top_memorized", "\n".join(rows), step)
+
+    def _images(self, w: Any, step: int, drawn: list[tuple[str, Any, str]]) -> None:
+        for name, rgb, _ in drawn:
+            w.add_image(f"{self.prefix}figures/{name}", rgb, step, dataformats="HWC")
+        w.flush()
 
     def layout(self, record: ProbeRecord) -> dict[str, Any]:
         """The Custom Scalars layout: a category per family with values, a multiline chart per
@@ -137,6 +144,15 @@ class TensorBoardLogger(ProbeLogger):
         return out
 
     def finish(self) -> None:
+        if self.writer is not None:
+            w = self.writer
+
+            def last() -> None:
+                final = self.figures.final()
+                if final is not None:
+                    self._images(w, final[0].step, final[1])
+
+            self.worker.submit(last)
         self.worker.stop()
         if self.writer is not None:
             self.writer.flush()

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from .base import ProbeLogger, register_logger
-from .figures import Timeline, to_rgb
-from .media import probe_figures
+from .media import DEFAULT_BUDGET, FigureSchedule
 from .record import ProbeRecord
 from .worker import Worker
 
@@ -32,6 +31,7 @@ class WandbLogger(ProbeLogger):
         scalars / media: write the curves / the figures, images and histograms.
         step_key: the step column in a shared run (``"train/global_step"`` next to HF's rows).
         background: draw the figures and log the rows in a background thread, in probe order.
+        figure_budget: as for :class:`~memsurgery.loggers.TensorBoardLogger`.
         **init: ``wandb.init`` arguments for a run of its own (``project``, ``dir``, ``mode``, ...).
 
     Example:
@@ -42,14 +42,15 @@ class WandbLogger(ProbeLogger):
     name = "wandb"
 
     def __init__(self, run: Any = None, *, prefix: str = "memsurgery/", scalars: bool = True, media: bool = True,
-                 step_key: str | None = None, background: bool = True, **init: Any) -> None:
+                 step_key: str | None = None, background: bool = True, figure_budget: float | None = DEFAULT_BUDGET,
+                 **init: Any) -> None:
         if run is not None and init:
             raise ValueError(f"give either a run or wandb.init arguments ({', '.join(init)}), not both")
         self.run, self.owns_run = run, run is None
         self.prefix, self.scalars, self.media = prefix, scalars, media
         self.step_key = step_key or (None if run is None else f"{prefix}step")
         self.init = {"project": "memsurgery", **init}
-        self.timeline = Timeline()
+        self.figures = FigureSchedule(figure_budget)
         self.worker = Worker(f"memsurgery-{self.name}", background)
         self._declared = False
 
@@ -72,8 +73,8 @@ class WandbLogger(ProbeLogger):
         if self.scalars:
             row.update({p + k: v for k, v in record.scalars.items()})
         if self.media:
-            for name, fig, caption in probe_figures(record, self.timeline):
-                row[f"{p}figures/{name}"] = wandb.Image(to_rgb(fig), caption=caption)
+            for name, rgb, caption in self.figures.figures(record) or []:
+                row[f"{p}figures/{name}"] = wandb.Image(rgb, caption=caption)
             for kind, table in (("unitmem", record.unit_scores), ("classmem", record.class_scores)):
                 for layer, scores in table.items():
                     valid = scores[~scores.isnan()].double().numpy()
@@ -82,18 +83,35 @@ class WandbLogger(ProbeLogger):
             if record.top_points:
                 row[f"{p}top_memorized"] = [wandb.Image(_hwc(c.image), caption=c.caption()) for c in record.top_points
                                             if c.image is not None]
+        self._row(run, row, record.step)
+
+    def _row(self, run: Any, row: dict[str, Any], step: int) -> None:
+        p = self.prefix
         if not row:
             return
         if self.step_key is None:
-            run.log(row, step=record.step)
+            run.log(row, step=step)
         else:
             if not self._declared:
                 run.define_metric(self.step_key)
                 run.define_metric(f"{p}*", step_metric=self.step_key)
                 self._declared = True
-            run.log({**row, self.step_key: record.step})
+            run.log({**row, self.step_key: step})
 
     def finish(self) -> None:
+        run = self.run
+        if run is not None:
+
+            def last() -> None:
+                import wandb
+
+                final = self.figures.final()
+                if final is not None:
+                    record, drawn = final
+                    self._row(run, {f"{self.prefix}figures/{n}": wandb.Image(rgb, caption=c) for n, rgb, c in drawn},
+                              record.step)
+
+            self.worker.submit(last)
         self.worker.stop()
         if self.owns_run and self.run is not None:
             self.run.finish()

@@ -56,6 +56,19 @@ def main(out: str) -> None:
     custom = v2.Compose([v2.RandomResizedCrop(16, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                          v2.ColorJitter(0.4, 0.4, 0.4)])
     res_custom = run_probe(f, images, range(1, 22), reference=g, config=replace(cfg, views=custom, unit_layers=None))
+    # a monitor with a JSON-lines logger: every rank probes, only rank 0 writes, once per probe
+    from pathlib import Path
+
+    from memsurgery.loggers import JsonLinesLogger
+    from memsurgery.monitor import Monitor, ProbeSet
+
+    log = Path(out).with_suffix(".jsonl")
+    mon = Monitor(f, ProbeSet(images, torch.arange(1, 15), {"extra": torch.arange(15, 22)}, labels=labels),
+                  reference=g, config=replace(cfg, unit_layers=("conv8",)), every_n_steps=2,
+                  loggers=[JsonLinesLogger(log)], top_k=4)
+    for _ in range(4):
+        mon.step()
+    mon.close()
     surgery = _surgery(f, {k: v.scores for k, v in res.unitmem.items()})
     every_rank = [surgery]
     if acc.num_processes > 1:
