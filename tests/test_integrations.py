@@ -239,3 +239,78 @@ def test_hf_trainer_probes_reach_wandb_and_mlflow(tmp_path, demo_folder, monkeyp
     assert [m.step for m in hist] == [10, 20]
     assert hist[-1].value == pytest.approx(probes[20]["memsurgery/layermem_est/layer4.1"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6, 9, 12, 15, 18]
+
+
+class _TinyModule:
+    """A small LightningModule (built lazily: lightning is optional)."""
+
+    @staticmethod
+    def make():
+        import lightning as L
+        import torch
+        from torch import nn
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1))
+
+            def training_step(self, batch, batch_idx):
+                loss = self.backbone(batch[0]).pow(2).mean()
+                self.log("train_loss", loss)
+                return loss
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        return Module()
+
+
+@pytest.mark.filterwarnings(*LIGHTNING_WARNINGS)
+def test_lightning_wandb_and_mlflow_loggers_get_the_probes(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import importlib.util
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+    from memsurgery.integrations.lightning import MemorizationCallback
+    from mlflow.tracking import MlflowClient
+
+    import memsurgery
+
+    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    uri = "file:" + str(tmp_path / "mlruns")
+    torch.manual_seed(0)
+    images = torch.rand(24, 3, 12, 12)
+    module = _TinyModule.make()
+    loggers = [WandbLogger(project="memsurgery-test", save_dir=str(tmp_path), offline=True),
+               MLFlowLogger(experiment_name="lightning", tracking_uri=uri)]
+    probe = memsurgery.ProbeSet(images, torch.arange(12), {"extra": torch.arange(12, 24)})
+    mon = memsurgery.Monitor(module.backbone, probe, config=memsurgery.ProbeConfig(layers=("0", "2"), unit_layers=("2",)),
+                             every_n_steps=3)
+    trainer = L.Trainer(max_steps=6, logger=loggers, accelerator="cpu", enable_progress_bar=False, log_every_n_steps=50,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[MemorizationCallback(mon)])
+    try:
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4))
+    finally:
+        wandb.finish()
+    assert [s for s, _ in mon.history] == [3, 6]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = reader.history(run_file)
+    scalars = [r for r in rows if "memsurgery/layermem_est/2" in r]
+    assert sorted(r["trainer/global_step"] if "trainer/global_step" in r else r["_step"] for r in scalars) == [3, 6]
+    assert any("memsurgery/figures/1.profile" in r for r in rows)  # the figures, in the same wandb run
+    client = MlflowClient(tracking_uri=uri)
+    run_id = loggers[1].run_id
+    hist = client.get_metric_history(run_id, "memsurgery/layermem_est/2")
+    assert [m.step for m in hist] == [3, 6]
+    assert hist[-1].value == pytest.approx(mon.history[-1][1]["layermem_est/2"])
+    assert {a.path for a in client.list_artifacts(run_id, "memsurgery/step_00000003")} >= {
+        "memsurgery/step_00000003/1.profile.png", "memsurgery/step_00000003/units.json"}

@@ -304,7 +304,7 @@ def test_accelerate_tensorboard_tracker_gets_scalars_and_media_in_one_run(setup,
     tags = ea.Tags()
     for step, metrics in mon.history:
         for key, value in metrics.items():
-            got = {e.step: e.value for e in ea.Scalars("memsurgery/" + key)}
+            got = {e.step: e.value for e in ea.Scalars(safe_key("memsurgery/" + key))}
             assert got[step] == pytest.approx(value, nan_ok=True), key
     assert "memsurgery/figures/2.layer_x_step" in tags["images"]
     assert any(t.startswith("memsurgery/hist.unitmem/") for t in tags["histograms"])
@@ -337,3 +337,47 @@ def test_figures_stay_within_their_time_budget(setup):
         FigureSchedule(0)
     for rgb in (f[1] for f in figures):
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.std() > 0  # drawn, not blank
+
+
+def test_accelerate_wandb_and_mlflow_trackers_get_scalars_and_media(setup, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import importlib.util
+
+    import mlflow
+    from accelerate import Accelerator
+    from mlflow.tracking import MlflowClient
+
+    from memsurgery.loggers import AccelerateLogger
+
+    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    uri = "file:" + str(tmp_path / "mlruns")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    acc = Accelerator(log_with=["wandb", "mlflow"], project_dir=str(tmp_path), cpu=True)
+    acc.init_trackers("accel", init_kwargs={"wandb": {"mode": "offline", "dir": str(tmp_path)}})
+    try:
+        run_id = acc.get_tracker("mlflow", unwrap=True).info.run_id
+        mon = _monitor(setup, loggers=[AccelerateLogger(acc)])
+        _probe_twice(mon, setup[3])
+        acc.end_training()
+    finally:
+        wandb.finish()
+        if mlflow.active_run():
+            mlflow.end_run()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = {}
+    for r in reader.history(run_file):
+        rows.setdefault(r["_step"], {}).update(r)
+    assert sorted(rows) == [5, 10]  # accelerate's explicit steps: the probes' own
+    assert rows[10]["memsurgery/layermem/conv8"] == pytest.approx(mon.history[-1][1]["layermem/conv8"])
+    assert rows[5]["memsurgery/figures/1.profile"]["_type"] == "image-file"
+    assert rows[10]["memsurgery/hist/unitmem/conv8"]["_type"] == "histogram"
+    client = MlflowClient(tracking_uri=uri)
+    hist = client.get_metric_history(run_id, "memsurgery/layermem/conv8")
+    assert [m.step for m in hist] == [5, 10]
+    assert {a.path for a in client.list_artifacts(run_id, "memsurgery/step_00000005")} >= {
+        "memsurgery/step_00000005/1.profile.png", "memsurgery/step_00000005/units.json"}

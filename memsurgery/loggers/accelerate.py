@@ -2,7 +2,7 @@
 probe's step), and each tracker's native media where memsurgery knows it: TensorBoard
 (histograms, figures, images into the tracker's own writer), wandb (images, histograms),
 MLflow (figures as artifacts). accelerate drops tensors from ``accelerator.log``, so per-unit
-data never goes that way.
+data never goes that way. Keys are made safe for every tracker (``>`` -> ``_gt_``).
 
     >>> accelerator = Accelerator(log_with="tensorboard", project_dir="runs/x")
     >>> accelerator.init_trackers("simclr")
@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 from .base import ProbeLogger
-from .record import ProbeRecord
+from .record import ProbeRecord, safe_key
 
 
 class AccelerateLogger(ProbeLogger):
@@ -48,7 +48,8 @@ class AccelerateLogger(ProbeLogger):
 
     def log(self, record: ProbeRecord) -> None:
         media = self._media_loggers()
-        self.accelerator.log({self.prefix + k: v for k, v in record.scalars.items()}, step=record.step)
+        # names every tracker takes (MLflow refuses ">": ttest_p/candidates>shared -> ..._gt_shared)
+        self.accelerator.log({safe_key(self.prefix + k): v for k, v in record.scalars.items()}, step=record.step)
         for lg in media:
             lg.log(record)
 
