@@ -381,3 +381,23 @@ def test_accelerate_wandb_and_mlflow_trackers_get_scalars_and_media(setup, tmp_p
     assert [m.step for m in hist] == [5, 10]
     assert {a.path for a in client.list_artifacts(run_id, "memsurgery/step_00000005")} >= {
         "memsurgery/step_00000005/1.profile.png", "memsurgery/step_00000005/units.json"}
+
+
+def test_a_script_that_never_closes_its_monitor_still_gets_its_figures(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from memsurgery.models import build_encoder\n"
+        "from memsurgery.monitor import Monitor, ProbeSet\n"
+        "from memsurgery.probe import ProbeConfig\n"
+        "images = (torch.rand(20, 3, 16, 16) * 255).to(torch.uint8)\n"
+        "mon = Monitor(build_encoder('resnet9'), ProbeSet(images, torch.arange(10), {'extra': torch.arange(10, 20)}),\n"
+        "              config=ProbeConfig(layers=('conv1', 'conv8'), unit_layers=None, num_pairs=1), log_dir=sys.argv[1])\n"
+        "mon.probe_now()\n"  # and exit at once: no close()
+    )
+    subprocess.run([sys.executable, str(script), str(tmp_path / "tb")], check=True, capture_output=True, timeout=120)
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    ea.Reload()
+    assert {"figures/1.profile", "figures/2.layer_x_step", "figures/3.top_memorized"} <= set(ea.Tags()["images"])

@@ -1,12 +1,14 @@
 """One background thread per logger for the figures: drawing them (matplotlib, about 0.4 s a
 probe on the quickstart) runs while training goes on, in probe order, on rank 0.
 
-``finish`` waits for everything submitted; an error in the thread is raised again at the next
-``submit`` or at ``finish`` (never lost).
+``finish`` waits for everything submitted (so does the interpreter's exit, for a script that
+never closes its monitor); an error in the thread is raised again at the next ``submit`` or at
+``finish`` (never lost).
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable
@@ -25,6 +27,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.busy_s = 0.0  # time spent in jobs (what the figures cost)
+        self._atexit = False
 
     def submit(self, job: Callable[[], Any]) -> None:
         self._raise()
@@ -35,6 +38,9 @@ class Worker:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+            if not self._atexit:  # a script that never closes its monitor still gets its last figures
+                atexit.register(self._at_exit)
+                self._atexit = True
         self._q.put(job)
 
     def _run(self, job: Callable[[], Any]) -> None:
@@ -71,6 +77,13 @@ class Worker:
             self._thread.join()
         self._thread = None
         self._raise()
+
+    def _at_exit(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(BaseException):  # the interpreter is exiting: nothing to raise into
+            if self._thread is not None and self._thread.is_alive():
+                self._q.join()
 
     def _raise(self) -> None:
         if self._error is not None:
