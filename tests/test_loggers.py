@@ -357,6 +357,7 @@ def test_accelerate_wandb_and_mlflow_trackers_get_scalars_and_media(setup, tmp_p
     monkeypatch.setenv("WANDB_SILENT", "true")
     uri = "file:" + str(tmp_path / "mlruns")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the process-wide URI (an earlier test may have set another)
     acc = Accelerator(log_with=["wandb", "mlflow"], project_dir=str(tmp_path), cpu=True)
     acc.init_trackers("accel", init_kwargs={"wandb": {"mode": "offline", "dir": str(tmp_path)}})
     try:
