@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,12 @@ from .capture import INPUT_SUFFIX, _close, unwrap_model
 PREFIX = "memsurgery."
 #: metadata keys (each value a string; all but ``version`` and ``sha256`` hold JSON)
 KEYS = ("version", "arch", "input_shape", "plan", "plan_type", "history", "options", "scores",
-        "extra", "shared", "sha256")
-_JSON_KEYS = frozenset(KEYS) - {"version", "sha256", "plan_type"}
+        "extra", "shared", "sha256", "digest")
+_JSON_KEYS = frozenset(KEYS) - {"version", "sha256", "plan_type", "digest"}
+#: constructor arguments a file's arch metadata may never pass to a builder: they make timm read
+#: (unpickle) another file or fetch weights
+_FORBIDDEN_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                               "pretrained_strict", "cache_dir", "weights", "pretrained_file", "file", "url"})
 
 
 # ---------------------------------------------------------------- JSON helpers
@@ -84,6 +89,18 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def metadata_digest(meta: Mapping[str, str]) -> str:
+    """SHA-256 over every ``memsurgery.*`` metadata entry but ``digest`` itself (names and values,
+    in name order): with ``sha256`` (the tensors' digest) among them, it covers everything that
+    shapes the loaded model (arch, shared tensors, pruning history, input shape) and what it claims
+    (plan, options, scores, extra, version)."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in meta if k.startswith(PREFIX) and k != PREFIX + "digest"):
+        for part in (key.encode(), meta[key].encode()):
+            h.update(struct.pack("<Q", len(part)) + part)
+    return h.hexdigest()
+
+
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses shared storage. Like ``safetensors.torch.save_model``: of tensors that
     are the same tensor (tied weights) keep the first name and record ``removed -> kept``; other
@@ -127,6 +144,21 @@ def _arch_parts(arch: Any) -> tuple[str, dict[str, Any]]:
     if set(rest) == {"kwargs"} and isinstance(rest["kwargs"], Mapping):
         rest = dict(rest["kwargs"])
     return arch["name"], rest
+
+
+def _check_kwargs(kwargs: Mapping[str, Any], source: str) -> None:
+    """Architecture arguments are sizes and switches (numbers, strings, booleans, flat lists of
+    them); never a file, a URL or pretrained weights (timm would read, and unpickle, them)."""
+    for key, value in kwargs.items():
+        low = str(key).lower()
+        if low in _FORBIDDEN_KWARGS or any(w in low for w in ("path", "file", "url", "pretrained")):
+            raise ValueError(f"{source}: the architecture argument {key!r} would make the builder read another file or "
+                             "fetch weights; memsurgery only builds from sizes and switches and loads the file's own "
+                             "weights. Remove it from arch")
+        flat = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, (bool, int, float, str)) for v in flat):
+            raise ValueError(f"{source}: the architecture argument {key!r} = {value!r} is not a number, string, "
+                             "boolean or flat list of them")
 
 
 def _build(name: str, kwargs: Mapping[str, Any], source: str) -> nn.Module:
@@ -280,6 +312,7 @@ def save_model(
     for key, value in (("options", options), ("scores", scores), ("extra", extra)):
         if value is not None:
             meta[PREFIX + key] = _dumps(value, key)
+    meta[PREFIX + "digest"] = metadata_digest(meta)
     return _atomic_write(tensors, meta, Path(path))
 
 
@@ -351,6 +384,17 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
             "directly: build the model yourself, then safetensors.torch.load_model(model, path) or "
             "model.load_state_dict(safetensors.torch.load_file(path))"
         )
+    digest = raw.get(PREFIX + "digest")
+    if digest is None:
+        warnings.warn(f"{path} was exported by memsurgery {raw.get(PREFIX + 'version')}, before metadata digests: its "
+                      "weights are checked, its metadata (architecture, shared tensors, pruning history, plan) is "
+                      "not. Re-export it to cover both", UserWarning, stacklevel=2)
+    elif metadata_digest(raw) != digest:
+        raise ValueError(
+            f"{path}: the metadata does not match the digest stored at export (an entry such as "
+            f"{PREFIX}arch, {PREFIX}shared, {PREFIX}history or {PREFIX}plan was edited after saving). Do not use "
+            "this file; re-export the model or restore it from a backup"
+        )
     meta = _decode(raw, path)
     stored = meta["sha256"]
     if stored is None or tensor_digest(tensors) != stored:
@@ -360,14 +404,18 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
             "the model or restore it from a backup"
         )
     name, kwargs = _arch_parts(meta["arch"] if isinstance(meta["arch"], Mapping) else {})
+    _check_kwargs(kwargs, str(path))
+    shared = meta["shared"] or {}
+    if not isinstance(shared, Mapping) or any(k in tensors or v not in tensors for k, v in shared.items()):
+        raise ValueError(f"{path}: the shared-tensor map {shared!r} must map names that are not stored to stored ones")
+    _check_size(name, kwargs, tensors, meta["history"] is not None, path)
     model = _build(name, kwargs, str(path))
     if meta["history"] is not None:
         model = _replay(model, meta, path)
     if meta["plan"] is not None:
         _check_plan_names(model, meta["plan"], str(path))
-    for removed, kept in (meta["shared"] or {}).items():
-        if kept in tensors:
-            tensors[removed] = tensors[kept]
+    for removed, kept in shared.items():
+        tensors[removed] = tensors[kept]
     problem = _mismatch(_shape_table(model), {k: tuple(v.shape) for k, v in tensors.items()}, shapes=True)
     if problem:
         raise ValueError(
@@ -377,6 +425,20 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
         )
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), meta
+
+
+def _check_size(name: str, kwargs: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pruned: bool,
+                path: Path) -> None:
+    """Build the architecture on the meta device (no memory) and compare it with the stored
+    weights before anything is allocated: exactly for a model that was not pruned, by size (at
+    most 100x the stored parameters) for one that was."""
+    with torch.device("meta"):
+        probe = _build(name, kwargs, str(path))
+    numel = sum(v.numel() for v in probe.state_dict().values())
+    stored = sum(v.numel() for v in tensors.values())
+    if numel > 100 * stored + 10**6 or (not pruned and numel > 2 * stored + 10**4):
+        raise ValueError(f"{path}: arch {name!r} {dict(kwargs)} has {numel:,} parameters but the file stores {stored:,}: "
+                         "the architecture metadata does not describe these weights")
 
 
 def _replay(model: nn.Module, meta: Mapping[str, Any], path: Path) -> nn.Module:
@@ -399,4 +461,4 @@ def _rebuild_pruned(model: nn.Module, history: Any, shape: Sequence[int], arch: 
         ) from e
 
 
-__all__ = ["load_model", "save_model", "tensor_digest", "to_jsonable"]
+__all__ = ["load_model", "metadata_digest", "save_model", "tensor_digest", "to_jsonable"]

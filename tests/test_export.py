@@ -162,15 +162,65 @@ def test_safetensors_without_memsurgery_metadata(resnet9, tmp_path):
         load_model(path)
 
 
-def _rewrite_meta(path, **changes):
-    """Rewrite metadata entries while keeping the tensors (and so the digest) intact."""
+def _rewrite_meta(path, redigest=True, **changes):
+    """Rewrite metadata entries while keeping the tensors (and so the tensor digest) intact. With
+    ``redigest`` the metadata digest is recomputed too: a self-consistent file whose metadata is
+    wrong (the checks after the digest must catch it); without, an edited file."""
+    from memsurgery.export import metadata_digest
+
     tensors = safetensors.torch.load_file(path)
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata())
     meta.update({f"memsurgery.{k}": v for k, v in changes.items()})
+    if redigest:
+        meta["memsurgery.digest"] = metadata_digest(meta)
     safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+
+def test_an_edited_metadata_entry_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = build_encoder("resnet9")
+    path = save_model(model, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE, extra={"acc": 0.9})
+    # the issue's attack: make conv7 load conv8's weights through the shared-tensor map
+    for key, value in {"shared": json.dumps({"conv7.conv.weight": "conv8.conv.weight"}),
+                       "extra": json.dumps({"acc": 0.99}), "version": "9.9", "options": json.dumps({"views": "x"}),
+                       "arch": json.dumps({"name": "resnet9", "kwargs": {"in_channels": 1}})}.items():
+        original = path.read_bytes()
+        _rewrite_meta(path, redigest=False, **{key: value})
+        with pytest.raises(ValueError, match="metadata does not match the digest stored at export"):
+            load_model(path)
+        path.write_bytes(original)
+    load_model(path)  # the untouched file loads
+    # a self-consistent file whose shared map would overwrite a stored tensor is refused too
+    _rewrite_meta(path, shared=json.dumps({"conv7.conv.weight": "conv8.conv.weight"}))
+    with pytest.raises(ValueError, match="shared-tensor map"):
+        load_model(path)
+
+
+def test_arch_arguments_never_read_files_or_size_a_model_beyond_its_weights(resnet9, tmp_path):
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    original = path.read_bytes()
+    _rewrite_meta(path, arch=json.dumps({"name": "vit_tiny", "kwargs": {"checkpoint_path": str(tmp_path / "x.pth")}}))
+    with pytest.raises(ValueError, match="'checkpoint_path' would make the builder read another file"):
+        load_model(path)
+    path.write_bytes(original)
+    _rewrite_meta(path, arch=json.dumps({"name": "resnet9", "kwargs": {"num_classes": 10**9}}))
+    with pytest.raises(ValueError, match=r"has [\d,]+ parameters but the file stores"):  # found on the meta device
+        load_model(path)
+
+
+def test_files_without_a_metadata_digest_load_with_a_warning(resnet9, tmp_path):
+    from safetensors import safe_open
+
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    tensors = safetensors.torch.load_file(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = {k: v for k, v in fh.metadata().items() if k != "memsurgery.digest"}
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+    with pytest.warns(UserWarning, match="before metadata digests"):
+        load_model(path)
 
 
 def test_unknown_architecture_lists_close_matches(resnet9, tmp_path):
