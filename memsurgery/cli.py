@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "surgery.stages.")
     _common(run)
     run.add_argument("--resume", action="store_true",
-                     help="continue from the newest checkpoint under <output>/checkpoints (needs train.checkpoint_every)")
+                     help="continue from the newest complete checkpoint under <output>/checkpoints (needs "
+                     "train.checkpoint_every); refused when it was made under another recipe")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: resume a checkpoint made under another recipe anyway")
     _split_parser(sub)
     _audit_parser(sub)
     for name, text in STAGE_HELP.items():
@@ -183,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, output=args.output)
     progress = not args.no_progress
     if args.command == "run":
-        summary = run_recipe(cfg, progress=progress, resume=args.resume)
+        try:
+            summary = run_recipe(cfg, progress=progress, resume=args.resume, force=args.force)
+        except (FileNotFoundError, ValueError, TypeError, TimeoutError) as e:
+            print(f"memsurgery run: error: {e}", file=sys.stderr)
+            return 2
         print(format_summary(summary))
         print(f"results written to {cfg.output}/summary.json and summary.md")
         if "report" in summary.get("stages", {}):

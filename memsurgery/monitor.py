@@ -200,10 +200,16 @@ class Monitor:
                 "references": [dict(r) for r in self.references]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a checkpointed monitor. Loggers that can (TensorBoard) drop what a killed run
+        wrote after this state's step, so resumed curves have no step twice."""
         self.steps = int(state["steps"])
         self.history = [(int(s), dict(m)) for s, m in state["history"]]
         self.top_points = [(int(i), float(v)) for i, v in state.get("top_points", [])]
         self.references = [dict(r) for r in state.get("references", [])]
+        for lg in self.loggers:
+            resume = getattr(lg, "resume", None)
+            if callable(resume):
+                resume(self.steps)
 
     # ------------------------------------------------------------------ schedule
     def step(self, global_step: int | None = None) -> dict[str, float] | None:
@@ -226,8 +232,8 @@ class Monitor:
 
     def compute(self) -> dict[str, float]:
         """The latest probe's metrics (probing now if there was none). Collective: every rank calls it."""
-        if not self.history or self.history[-1][0] != self.steps:
-            return self.probe_now()
+        if not self.history or self.history[-1][0] != self.steps or self.last is None:
+            return self.probe_now()  # (a resumed monitor has its history but no ProbeResult yet)
         return dict(self.history[-1][1])
 
     def __enter__(self) -> Monitor:
@@ -275,7 +281,10 @@ class Monitor:
             metrics["reference/step"] = float(info["step"]) if info.get("step") is not None else float("nan")
             self.references.append({"probe_step": self.steps, **{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}})
         self.last, self.last_controls = cand, ctl
-        self.history.append((self.steps, metrics))
+        if self.history and self.history[-1][0] == self.steps:
+            self.history[-1] = (self.steps, metrics)  # probed again at the same step (a resumed, finished run)
+        else:
+            self.history.append((self.steps, metrics))
         self.last_record = self._record(cand, metrics)
         self.last_record.seconds = time.perf_counter() - t0
         if self.loggers:

@@ -187,7 +187,10 @@ class RunFolder:
     """The files of one recipe's output folder (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        from ._io import remove_stale_tmp
+
         self.root = Path(root)
+        remove_stale_tmp(self.root)  # what a killed write left (.f.safetensors.<random>.tmp)
 
     def model_path(self, name: str) -> Path:
         return self.root / f"{name}.safetensors"

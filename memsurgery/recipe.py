@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._io import atomic_text
 from .config import from_dict, load_yaml
 from .data import twin_split
 from .models import build_encoder
@@ -133,13 +134,36 @@ def load_checkpoint_weights(checkpoint: str | Path, encoders: list[torch.nn.Modu
         enc.load_state_dict(state, strict=True)
 
 
-def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def recipe_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The recipe's sections that shape a training checkpoint (data, split, model, probe, monitor;
+    ``train`` is fingerprinted by the trainer itself), as flat keys (``split.seed``)."""
+    import dataclasses
+
+    from .export import to_jsonable
+
+    out: dict[str, Any] = {}
+
+    def flat(prefix: str, d: Any) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                flat(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = to_jsonable(d)
+
+    for name in ("data", "split", "model", "monitor"):
+        flat(name, dataclasses.asdict(getattr(cfg, name)))
+    flat("probe", cfg.probe.options())
+    return out
+
+
+def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``,
     the trained twins (``f.safetensors``, ``g.safetensors``), the split and the candidates' scores,
     then the surgery stages the recipe lists (``surgery.stages``; see :mod:`memsurgery.pipeline`).
 
     With ``train.checkpoint_every`` set, checkpoints go to ``<output>/checkpoints`` (accelerate
-    ``save_state``, the monitor included); ``resume=True`` continues from the newest one."""
+    ``save_state`` plus ``memsurgery_state.json``, the monitor included); ``resume=True`` continues
+    from the newest complete one, and refuses one made under another recipe unless ``force``."""
     from .stages import STAGE_FUNCTIONS, save_trained
     from .surgery.scores import ScoreSet
 
@@ -158,11 +182,12 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False) -> d
     with Monitor(f, probe, reference=g, config=cfg.probe, every_n_steps=cfg.monitor.every_n_epochs * steps_per_epoch,
                  log_dir=str(out / "tb"), thresholds=cfg.monitor.thresholds) as mon:
         losses_f, losses_g = train_twins(f, g, images, split, cfg.train, monitor=mon, progress=progress,
-                                         checkpoint_dir=out / "checkpoints", resume=resume)
+                                         checkpoint_dir=out / "checkpoints", resume=resume, force=force,
+                                         fingerprint_extra=recipe_fingerprint(cfg))
         final = mon.compute()
     summary = _summarize(cfg, mon, final, (losses_f, losses_g), steps_per_epoch, time.perf_counter() - t0)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(format_summary(summary))
+    atomic_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_text(out / "summary.md", format_summary(summary))
     split.save_json(run.split_path)
     assert mon.last is not None
     ScoreSet.from_probe(mon.last).save(run.scores_path)

@@ -5,14 +5,24 @@ in-memory uint8 image tensor. Views are made on the device, batched, as a pure f
 (seed, dataset index, view id), with view id = epoch * num_views + j; each epoch's order comes
 from a generator seeded with (seed, epoch). A run is therefore a pure function of its seed, and
 resuming from a checkpoint (``accelerator.save_state``) continues exactly where it stopped.
+
+A checkpoint folder ``epoch_N`` holds accelerate's weights, optimizer and RNG states and
+``memsurgery_state.json`` (the training position, the monitor's state and the fingerprint of the
+inputs: config, images, indices; written last, so a checkpoint without it is torn). Nothing of it
+is pickled: no custom state goes through accelerate's ``register_for_checkpointing``. Resuming
+refuses a checkpoint made from other inputs (the differing keys are listed; ``force=True``
+overrides) and falls back past torn checkpoints to the newest complete one.
 ``train_twins`` trains f on shared + candidates and g on shared + independent with the same seed
 and hyper-parameters.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpoint_every: int | None = None
+    keep_checkpoints: int | None = None  # the newest N complete checkpoints are kept (None: all)
     objective: dict[str, Any] = field(default_factory=dict)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -44,12 +55,14 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, batch_size >= 2 and lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1 (epochs) or None")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1 or None (keep all)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
 class _Progress:
-    """Checkpointed training position (registered with accelerate next to the model)."""
+    """Checkpointed training position (in ``memsurgery_state.json``)."""
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -80,11 +93,80 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``epoch_N`` checkpoint folder under ``folder``, or None."""
+STATE_FILE = "memsurgery_state.json"
+STATE_FORMAT = 1
+
+
+def _epoch_folders(folder: str | Path) -> list[tuple[int, Path]]:
     root = Path(folder)
-    found = sorted((int(p.name.split("_")[1]), p) for p in root.glob("epoch_*") if p.name.split("_")[1].isdigit())
-    return found[-1][1] if found else None
+    found = [(int(p.name.split("_")[1]), p) for p in root.glob("epoch_*") if p.is_dir() and p.name.split("_")[1].isdigit()]
+    return sorted(found)
+
+
+def read_state(checkpoint: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's ``memsurgery_state.json``, or None when it is missing or unreadable (torn)."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return state if isinstance(state, dict) and state.get("format") == STATE_FORMAT else None
+
+
+def latest_checkpoint(folder: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest complete ``epoch_N`` checkpoint folder under ``folder``, or None. Newer ones
+    that are torn (killed while saving: no readable ``memsurgery_state.json``) are passed over,
+    with a warning that names them."""
+    torn: list[Path] = []
+    for _, path in reversed(_epoch_folders(folder)):
+        if read_state(path) is not None:
+            if torn and warn:
+                warnings.warn(f"{', '.join(p.name for p in torn)} under {folder} {'is' if len(torn) == 1 else 'are'} "
+                              f"incomplete (killed while saving?): resuming from {path.name}", UserWarning, stacklevel=2)
+            return path
+        torn.append(path)
+    if torn and warn:
+        warnings.warn(f"no complete checkpoint under {folder} ({', '.join(p.name for p in torn)} incomplete)",
+                      UserWarning, stacklevel=2)
+    return None
+
+
+def fingerprint(config: TrainConfig, images: torch.Tensor, indices: list[torch.Tensor],
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run's checkpoints must agree on to be resumed: every training setting (flat keys,
+    ``train.lr``), the SHA-256 of the images and of each run's indices, and ``extra`` (a recipe
+    adds its own keys). ``checkpoint_every`` / ``keep_checkpoints`` are left out: they do not
+    change the result."""
+    import hashlib
+
+    from .export import to_jsonable
+
+    def flat(prefix: str, d: Any) -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(f"{prefix}.{k}", v))
+            return out
+        return {prefix: to_jsonable(d)}
+
+    train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    out = flat("train", train)
+    out["data.images.sha256"] = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+    for i, idx in enumerate(indices):
+        out[f"data.indices[{i}].sha256"] = hashlib.sha256(idx.contiguous().numpy().tobytes()).hexdigest()
+    for k, v in (extra or {}).items():
+        out[k] = to_jsonable(v)
+    return out
+
+
+def fingerprint_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``["train.lr: 0.003 -> 0.01", ...]``: the keys whose values differ (or exist on one side only)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
 
 
 def train_ssl(
@@ -98,6 +180,8 @@ def train_ssl(
     monitor: Any = None,
     progress: bool = True,
     stop_after: int | None = None,
+    force: bool = False,
+    fingerprint_extra: dict[str, Any] | None = None,
 ) -> list[float]:
     """Train ``encoder`` in place with ``config.method``; returns the per-epoch mean losses.
 
@@ -106,7 +190,8 @@ def train_ssl(
     call (to simulate an interruption in tests).
     """
     losses = _train([(encoder, torch.as_tensor(indices).long())], images, config, checkpoint_dir=checkpoint_dir,
-                    resume=resume, monitor=monitor, progress=progress, desc="train", stop_after=stop_after)
+                    resume=resume, monitor=monitor, progress=progress, desc="train", stop_after=stop_after, force=force,
+                    fingerprint_extra=fingerprint_extra)
     return losses[0]
 
 
@@ -122,6 +207,8 @@ def train_twins(
     monitor: Any = None,
     progress: bool = True,
     stop_after: int | None = None,
+    force: bool = False,
+    fingerprint_extra: dict[str, Any] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Train the twins in lockstep: f on ``split.train_f``, g on ``split.train_g``, same seed,
     same hyper-parameters, one optimizer step of each per training step (so a monitor compares
@@ -131,7 +218,8 @@ def train_twins(
         raise ValueError(f"twins must train on as many points each (f: {fi.numel()}, g: {gi.numel()}); "
                          "draw as many independent points as candidates")
     lf, lg = _train([(f, fi), (g, gi)], images, config, checkpoint_dir=checkpoint_dir, resume=resume,
-                    monitor=monitor, progress=progress, desc="train twins", stop_after=stop_after)
+                    monitor=monitor, progress=progress, desc="train twins", stop_after=stop_after, force=force,
+                    fingerprint_extra=fingerprint_extra)
     return lf, lg
 
 
@@ -146,6 +234,8 @@ def _train(
     progress: bool,
     desc: str,
     stop_after: int | None,
+    force: bool = False,
+    fingerprint_extra: dict[str, Any] | None = None,
 ) -> list[list[float]]:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -166,14 +256,9 @@ def _train(
         opt = _optimizer(config, [p for p in objective.parameters() if p.requires_grad])
         prepared.append(acc.prepare(objective, opt))
     states = [_Progress() for _ in runs]
-    for st in states:
-        acc.register_for_checkpointing(st)
-    if monitor is not None:
-        acc.register_for_checkpointing(monitor)
+    prints = fingerprint(config, images, [idx for _, idx in runs], fingerprint_extra)
     if resume and checkpoint_dir is not None:
-        last = latest_checkpoint(checkpoint_dir)
-        if last is not None:
-            acc.load_state(str(last))
+        _resume(acc, Path(checkpoint_dir), prints, states, monitor, force)
     device = acc.device
     normalize = normalizer(config.mean, config.std, device)
     inners = [acc.unwrap_model(obj) for obj, _ in prepared]
@@ -216,9 +301,66 @@ def _train(
             st.losses.append(total_loss / steps_per_epoch)
         bar.set_postfix(loss=" / ".join(f"{st.losses[-1]:.4f}" for st in states))
         if checkpoint_dir is not None and config.checkpoint_every and states[0].epoch % config.checkpoint_every == 0:
-            acc.save_state(str(Path(checkpoint_dir) / f"epoch_{states[0].epoch}"))
+            _save(acc, Path(checkpoint_dir), states, monitor, prints, config.keep_checkpoints)
         if stop_after is not None and ran >= stop_after:
             break
     for encoder, _ in runs:
         encoder.eval()
     return [list(st.losses) for st in states]
+
+
+def _resume(acc: Any, folder: Path, prints: dict[str, Any], states: list[_Progress], monitor: Any, force: bool) -> None:
+    last = latest_checkpoint(folder) if folder.is_dir() else None
+    if last is None:
+        warnings.warn(f"resume: no complete checkpoint under {folder}: starting from the beginning", UserWarning, stacklevel=4)
+        return
+    state = read_state(last)
+    assert state is not None
+    diff = fingerprint_diff(state.get("fingerprint", {}), prints)
+    if diff and not force:
+        shown = "; ".join(diff[:12]) + (f"; ... ({len(diff) - 12} more)" if len(diff) > 12 else "")
+        raise ValueError(f"checkpoint {last} was made from other inputs than this run's: {shown}. Resume with the "
+                         "recipe that made it, start a fresh run in another output folder, or pass --force "
+                         "(force=True) to resume anyway")
+    if diff:
+        warnings.warn(f"resuming {last} although its inputs differ ({len(diff)} keys): forced", UserWarning, stacklevel=4)
+    if len(state.get("progress", [])) != len(states):
+        raise ValueError(f"checkpoint {last} holds {len(state.get('progress', []))} training runs, this run has {len(states)}")
+    pickled = sorted(p.name for p in last.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise ValueError(f"checkpoint {last} holds pickled custom states ({', '.join(pickled)}), which memsurgery never "
+                         "loads (unpickling runs code): it was written by an older memsurgery or edited. Start a fresh "
+                         "run, or remove those files if you trust the checkpoint")
+    import pickle
+
+    try:
+        acc.load_state(str(last))  # accelerate reads its own files with weights_only=True
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {last} holds a file that is not plain tensors / RNG states, and was refused "
+                         f"without unpickling it: {str(e).splitlines()[0][:200]}") from None
+    for st, saved in zip(states, state["progress"], strict=True):
+        st.load_state_dict(saved)
+    if monitor is not None and state.get("monitor") is not None:
+        monitor.load_state_dict(state["monitor"])
+
+
+def _save(acc: Any, folder: Path, states: list[_Progress], monitor: Any, prints: dict[str, Any],
+          keep: int | None) -> None:
+    from ._io import atomic_write
+
+    target = folder / f"epoch_{states[0].epoch}"
+    if acc.is_main_process and target.exists():
+        shutil.rmtree(target)  # a torn checkpoint of this epoch from an earlier try
+    acc.wait_for_everyone()
+    acc.save_state(str(target))
+    if acc.is_main_process:
+        state = {"format": STATE_FORMAT, "epoch": states[0].epoch, "fingerprint": prints,
+                 "progress": [st.state_dict() for st in states],
+                 "monitor": None if monitor is None else monitor.state_dict()}
+        text = json.dumps(state, allow_nan=True)
+        atomic_write(target / STATE_FILE, lambda fh: fh.write(text.encode()))  # last: marks it complete
+        if keep is not None:
+            complete = [p for _, p in _epoch_folders(folder) if read_state(p) is not None]
+            for old in complete[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()

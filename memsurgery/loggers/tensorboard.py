@@ -64,6 +64,7 @@ class TensorBoardLogger(ProbeLogger):
         self.figures = FigureSchedule(figure_budget)
         self.worker = Worker(f"memsurgery-{self.name}", background)
         self._layout_done = False
+        self.purge_step: int | None = None
 
     def __repr__(self) -> str:
         return f"TensorBoardLogger({self.log_dir or self.writer!r})"
@@ -72,8 +73,14 @@ class TensorBoardLogger(ProbeLogger):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=self.log_dir)
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
         return self.writer
+
+    def resume(self, step: int) -> None:
+        """A resumed run continues after ``step``: what an earlier try wrote after it is purged
+        (TensorBoard's ``purge_step``), so no curve has a step twice. Own folder only."""
+        if self.writer is None and self.owns_writer:
+            self.purge_step = step + 1
 
     def tag(self, key: str, record: ProbeRecord) -> str:
         return self.prefix + chart_tag(key, record.layers, record.unit_layers)
