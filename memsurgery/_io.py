@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success it is synced and renamed onto
@@ -23,16 +29,40 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have made
+        os.replace(tmp, final)  # a symlink at ``final`` is replaced, never written through
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_tmp(folder: Path, depth: int = 1) -> list[Path]:
+    """Remove the temporary files that an interrupted :func:`atomic_path` left in ``folder`` (and
+    ``depth`` levels of sub-folders below it); returns them. Call it only where no other process is
+    writing into the folder (a run folder at the start of a command)."""
+    if not folder.is_dir():
+        return []
+    found = list(folder.glob(".*.tmp"))
+    if depth > 0:
+        for sub in folder.iterdir():
+            if sub.is_dir() and not sub.is_symlink():
+                found += remove_stale_tmp(sub, depth - 1)
+                continue
+    for p in found:
+        if p.parent == folder:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """``write(fh)`` into a binary file handle, atomically (:func:`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         write(fh)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """``path.write_text(text)``, atomically (:func:`atomic_path`)."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def sha256_files(files: list[Path]) -> str:

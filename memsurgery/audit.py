@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import atomic_text
+
 
 @dataclass(frozen=True)
 class AuditSpec:
@@ -230,7 +232,7 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
     from .pipeline import write_json
 
     write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(format_summary(summary))
+    atomic_text(out / "summary.md", format_summary(summary))
     ScoreSet.from_probe(res).save(out / "scores.json")
     from .report_html import write_html
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_text
+
 __all__ = ["render_html", "write_html"]
 
 POS_COLOR = "#3366b0"
@@ -530,5 +532,5 @@ def write_html(record: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(record), encoding="utf-8")
+    atomic_text(out, render_html(record))
     return out

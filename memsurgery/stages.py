@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._io import atomic_text
 from .pipeline import Evaluator, RunFolder, output_digest, timed, write_json
 from .surgery.scores import ScoreSet
 
@@ -233,11 +234,20 @@ def stage_report(cfg: Any, progress: bool = True, data: Data | None = None) -> d
     from .pipeline import digest_inputs
 
     run = RunFolder(cfg.output)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"no run folder at {run.root}: run `memsurgery run <recipe>` first (or pass the "
+                                "--output the run used)")
     reports = {}
     for stage in ("train", "score", "prune", "swap", "finetune", "export"):
         p = run.report_path(stage)
         if p.exists():
-            reports[stage] = json.loads(p.read_text())
+            try:
+                reports[stage] = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p} is not a stage report (invalid JSON: {e}); run `memsurgery {stage} <recipe>` "
+                                 "again to rewrite it") from e
+    if not reports:
+        raise FileNotFoundError(f"{run.root} holds no stage report (reports/*.json): run `memsurgery run <recipe>` first")
     reloads = []
     for stage, rep in reports.items():
         models = rep.get("models") or ({"model": rep["model"]} if "model" in rep else {})
@@ -248,10 +258,11 @@ def stage_report(cfg: Any, progress: bool = True, data: Data | None = None) -> d
                             "bit_identical": digest == info["output_digest"]})
     out = {"stage": "report", "stages": reports, "reload": reloads}
     write_json(run.root / "report.json", out)
-    (run.root / "report.md").write_text(format_report(out))
+    atomic_text(run.root / "report.md", format_report(out))
     if not all(r["bit_identical"] for r in reloads):
         bad = [r["path"] for r in reloads if not r["bit_identical"]]
-        raise RuntimeError(f"reloaded models differ from what was exported: {', '.join(bad)}")
+        raise ValueError(f"reloaded models differ from what was exported: {', '.join(bad)}; re-run the stages that "
+                         "wrote them")
     return out
 
 
