@@ -66,6 +66,14 @@ class PruneConfig:
     protected: tuple[str, ...] = ()
     heads: bool = False
 
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.count is None):
+            raise ValueError("surgery.prune needs exactly one of ratio (a fraction of units) or count (units per layer)")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"surgery.prune.ratio must be in [0, 1), got {self.ratio}")
+        if self.count is not None and self.count < 0:
+            raise ValueError(f"surgery.prune.count must be >= 0, got {self.count}")
+
 
 @dataclass(frozen=True)
 class SwapConfig:
@@ -81,6 +89,10 @@ class SwapConfig:
     protected: tuple[str, ...] = ()
     rescore: bool = False  # recompute LayerMem after the swap: f' (f with the donor's layers) vs g,
     # and f vs g' (g with f's layers): if the swapped layers hold the memorization, both drop
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"surgery.swap.k must be >= 1 (layers to swap), got {self.k}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,11 @@ class FinetuneStageConfig:
     seed: int = 0
     views: ViewConfig | None = None  # augmentation of the labelled images (None: the plain images;
     # the `weak` preset's flips hurt digit classification: measured in docs/surgery_results.md)
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"surgery.finetune needs k >= 0, epochs >= 1, lr > 0 and batch_size >= 1; got k={self.k}, "
+                             f"epochs={self.epochs}, lr={self.lr}, batch_size={self.batch_size}")
 
 
 @dataclass(frozen=True)

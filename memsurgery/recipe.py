@@ -66,6 +66,12 @@ class MonitorConfig:
     max_points: int | None = 100  # per split (candidates and controls), a seeded subsample
     thresholds: tuple[float, ...] = (0.5, 0.8)
 
+    def __post_init__(self) -> None:
+        if self.every_n_epochs < 1:
+            raise ValueError(f"monitor.every_n_epochs must be >= 1, got {self.every_n_epochs}")
+        if self.max_points is not None and self.max_points < 2:
+            raise ValueError(f"monitor.max_points must be >= 2 or null (all points), got {self.max_points}")
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -176,3 +176,54 @@ def test_no_weights_only_false_anywhere():
             if "weights_only=False" in path.read_text():
                 hits.append(str(path.relative_to(ROOT)))
     assert hits == []
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"model": {"name": "resnet99"}}, r"unknown encoder 'resnet99'\. Did you mean resnet9"),
+    ({"monitor": {"every_n_epochs": 0}}, r"monitor\.every_n_epochs must be >= 1, got 0"),
+    ({"split": {"shared": 100000}}, r"the split needs 100300 points but the dataset has 1797"),
+    ({"probe": {"layers": ["conv99"]}}, r"no layer 'conv99'\. Closest valid names: conv8"),
+    ({"surgery": {"prune": {"ratio": -0.5}}}, r"surgery\.prune\.ratio must be in \[0, 1\), got -0\.5"),
+    ({"train": {"lr": "fast"}}, r"train\.lr: expected a number, got 'fast'"),
+    ({"surgery": {"stages": ["prun"]}}, r"unknown stage 'prun'\. Did you mean 'prune'"),
+])
+def test_bad_recipes_fail_in_one_line_before_training(tmp_path, capsys, section, message):
+    import re
+
+    from memsurgery.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"extends": str(ROOT / "recipes" / "quickstart.yaml"), **section}))
+    t = time.perf_counter()
+    code = main(["run", str(path), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert time.perf_counter() - t < 60  # refused before training (training the quickstart takes ~100 s)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_report_on_a_missing_or_empty_folder_fails(tmp_path, capsys):
+    from memsurgery.cli import main
+
+    assert main(["report", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(tmp_path / "none")]) == 2
+    assert "no run folder at" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(tmp_path / "empty")]) == 2
+    assert "holds no stage report" in capsys.readouterr().err
+
+
+def test_run_folder_writes_replace_symlinks_and_follow_the_umask(tmp_path):
+    from memsurgery._io import atomic_text
+
+    outside = tmp_path / "outside.md"
+    outside.write_text("keep me")
+    link = tmp_path / "summary.md"
+    link.symlink_to(outside)
+    old = os.umask(0o022)
+    try:
+        atomic_text(link, "new summary")
+    finally:
+        os.umask(old)
+    assert outside.read_text() == "keep me"  # never written through
+    assert not link.is_symlink() and link.read_text() == "new summary"
+    assert (link.stat().st_mode & 0o777) == 0o644  # as open() would have made it, not mkstemp's 0600
