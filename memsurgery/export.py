@@ -34,8 +34,10 @@ from .capture import INPUT_SUFFIX, _close, unwrap_model
 PREFIX = "memsurgery."
 #: metadata keys (each value a string; all but ``version`` and ``sha256`` hold JSON)
 KEYS = ("version", "arch", "input_shape", "plan", "plan_type", "history", "options", "scores",
-        "extra", "shared", "sha256", "digest")
-_JSON_KEYS = frozenset(KEYS) - {"version", "sha256", "plan_type", "digest"}
+        "extra", "shared", "sha256", "digest", "file_format")
+_JSON_KEYS = frozenset(KEYS) - {"version", "sha256", "plan_type", "digest", "file_format"}
+#: the file layout this memsurgery writes and reads (1: before metadata digests; 2: with them)
+FILE_FORMAT = 2
 #: constructor arguments a file's arch metadata may never pass to a builder: they make timm read
 #: (unpickle) another file or fetch weights
 _FORBIDDEN_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
@@ -302,6 +304,7 @@ def save_model(
         PREFIX + "input_shape": json.dumps(shape),
         PREFIX + "shared": json.dumps(shared, sort_keys=True),
         PREFIX + "sha256": tensor_digest(tensors),
+        PREFIX + "file_format": str(FILE_FORMAT),
     }
     if plan is not None:
         payload, kind = _plan_payload(plan)
@@ -384,6 +387,11 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
             "directly: build the model yourself, then safetensors.torch.load_model(model, path) or "
             "model.load_state_dict(safetensors.torch.load_file(path))"
         )
+    fmt = raw.get(PREFIX + "file_format", "1")
+    if not fmt.isdigit() or int(fmt) > FILE_FORMAT:
+        raise ValueError(f"{path} was written by memsurgery {raw.get(PREFIX + 'version')} in file format {fmt!r}, newer "
+                         f"than this memsurgery reads (format {FILE_FORMAT}): upgrade memsurgery "
+                         "(pip install -U memsurgery) to load it")
     digest = raw.get(PREFIX + "digest")
     if digest is None:
         warnings.warn(f"{path} was exported by memsurgery {raw.get(PREFIX + 'version')}, before metadata digests: its "

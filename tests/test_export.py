@@ -211,13 +211,20 @@ def test_arch_arguments_never_read_files_or_size_a_model_beyond_its_weights(resn
         load_model(path)
 
 
+def test_a_file_from_a_newer_format_is_refused(resnet9, tmp_path):
+    path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
+    _rewrite_meta(path, file_format="3")
+    with pytest.raises(ValueError, match=r"file format '3', newer than this memsurgery reads \(format 2\): upgrade"):
+        load_model(path)
+
+
 def test_files_without_a_metadata_digest_load_with_a_warning(resnet9, tmp_path):
     from safetensors import safe_open
 
     path = save_model(resnet9, tmp_path / "m.safetensors", arch="resnet9", input_shape=SHAPE)
     tensors = safetensors.torch.load_file(path)
     with safe_open(str(path), framework="pt") as fh:
-        meta = {k: v for k, v in fh.metadata().items() if k != "memsurgery.digest"}
+        meta = {k: v for k, v in fh.metadata().items() if k not in ("memsurgery.digest", "memsurgery.file_format")}
     safetensors.torch.save_file(tensors, str(path), metadata=meta)
     with pytest.warns(UserWarning, match="before metadata digests"):
         load_model(path)
