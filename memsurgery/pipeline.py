@@ -24,6 +24,8 @@ import hashlib
 import json
 import os
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -222,6 +224,51 @@ class RunFolder:
 
     def report_path(self, stage: str) -> Path:
         return self.root / "reports" / f"{stage}.json"
+
+    # ------------------------------------------------------------------ provenance
+    def digest(self, name: str) -> str:
+        """The digest of a run artefact: a model's export digest (``memsurgery.digest``, which covers
+        its weights and metadata; read from the header only), else the SHA-256 of the file's bytes
+        (``split``, ``scores``). ``""`` when it does not exist."""
+        path = {"split": self.split_path, "scores": self.scores_path}.get(name, self.model_path(name))
+        if not path.is_file():
+            return ""
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    meta = fh.metadata() or {}
+            except Exception as e:  # SafetensorError: damaged
+                raise ValueError(f"{path} is not a readable safetensors file ({e}): re-run the stage that writes it") from e
+            if meta.get("memsurgery.digest"):
+                return str(meta["memsurgery.digest"])
+        from ._io import sha256_files
+
+        return sha256_files([path])
+
+    def provenance(self, *names: str, recipe: str) -> dict[str, str]:
+        """``{"recipe": <digest>, name: <digest of that artefact now>, ...}``: what an artefact records."""
+        return {"recipe": recipe, **{n: self.digest(n) for n in names}}
+
+    def require(self, what: str, recorded: Mapping[str, Any] | None, current: Mapping[str, str], fix: str) -> None:
+        """Refuse to use ``what`` when the inputs it recorded are not the ones in the folder now (a
+        mixed or stale run folder), naming what differs and the command that regenerates it."""
+        if not recorded:
+            warnings.warn(f"{what} records no inputs (written by an older memsurgery): it cannot be checked against "
+                          f"the other files of {self.root}; run `{fix}` to regenerate it with its provenance",
+                          UserWarning, stacklevel=3)
+            return
+        for key, now in current.items():
+            then = recorded.get(key)
+            if then != now:
+                label = {"recipe": "recipe (data, split, model, train, probe or monitor settings)",
+                         "split": "split.json", "scores": "scores.json"}.get(key, f"{key}.safetensors")
+                raise ValueError(
+                    f"{what} was made from another {label} than the one of {self.root} now "
+                    f"(recorded {str(then)[:12] or 'none'}…, now {now[:12] or 'missing'}…): the folder mixes two runs or "
+                    f"{what} is stale. Run `{fix}` to regenerate it"
+                )
 
     def load(self, name: str) -> tuple[nn.Module, dict[str, Any]]:
         from .export import load_model

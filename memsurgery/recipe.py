@@ -162,6 +162,20 @@ def recipe_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def recipe_digest(cfg: RunConfig) -> str:
+    """SHA-256 of what shapes a run's trained models and scores: the recipe's data, split, model,
+    train (but checkpointing), probe and monitor sections. The surgery section is left out: a
+    stage recipe that extends the training recipe uses the same trained models."""
+    import dataclasses
+    import hashlib
+
+    from .export import to_jsonable
+
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("checkpoint_every", "keep_checkpoints")}
+    text = json.dumps({**recipe_fingerprint(cfg), "train": to_jsonable(train)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Run the recipe; writes ``summary.json``, ``summary.md`` and TensorBoard logs under ``cfg.output``,
     the trained twins (``f.safetensors``, ``g.safetensors``), the split and the candidates' scores,
@@ -194,10 +208,14 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, forc
     summary = _summarize(cfg, mon, final, (losses_f, losses_g), steps_per_epoch, time.perf_counter() - t0)
     atomic_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_text(out / "summary.md", format_summary(summary))
+    # split first, then the models (recording the split's digest), then the scores (recording the
+    # models'): a run killed in between leaves files whose recorded inputs do not match, which
+    # every stage refuses
     split.save_json(run.split_path)
     assert mon.last is not None
-    ScoreSet.from_probe(mon.last).save(run.scores_path)
+    digest = recipe_digest(cfg)
     models = {name: save_trained(run, name, m, cfg, images) for name, m in (("f", f), ("g", g))}
+    ScoreSet.from_probe(mon.last, run.provenance("split", "f", "g", recipe=digest)).save(run.scores_path)
     write_json(run.report_path("train"), {"stage": "train", "models": models, "seconds": summary["seconds"]})
     stages = {}
     for stage in cfg.surgery.stages:
@@ -220,6 +238,7 @@ def _summarize(cfg: RunConfig, mon: Monitor, final: dict[str, float], losses: tu
         "estimate_vs_twin": estimate_vs_twin(res.layers, final),
         "layers": list(res.layers),
         "unit_layers": list(res.unit_layers),
+        "collapsed_layers": list(res.collapsed),
         "final": final,
         "layermem_curve": curve,
         "top_points": mon.top_points,
@@ -271,6 +290,9 @@ def format_summary(s: dict[str, Any]) -> str:
     for layer in s["unit_layers"]:
         if layer not in s["layers"]:
             lines.append(f"| {layer} |  |  |  |  |  | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |")
+    if s.get("collapsed_layers"):
+        lines += ["", f"WARNING: {', '.join(s['collapsed_layers'])} collapsed (outputs identical for every view): their "
+                  "LayerMem is NaN, not memorization; the encoder (or that layer) has stopped learning."]
     c = s.get("estimate_vs_twin") or {}
     if c:
         lines += ["", f"Single-encoder estimate vs twin LayerMem across layers: Spearman {c['spearman']:+.2f}; "

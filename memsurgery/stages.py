@@ -33,6 +33,27 @@ def _evaluator(cfg: Any, images: torch.Tensor, labels: torch.Tensor) -> Evaluato
     return Evaluator(images, labels, cfg.surgery.evaluate, cfg.train.mean, cfg.train.std)
 
 
+def _recipe(cfg: Any) -> str:
+    from .recipe import recipe_digest
+
+    return str(recipe_digest(cfg))
+
+
+def _trained(run: RunFolder, cfg: Any, name: str, meta: dict[str, Any]) -> None:
+    """f / g must come from this recipe and this folder's split."""
+    recorded = (meta.get("extra") or {}).get("provenance")
+    run.require(f"{name}.safetensors", recorded, {"recipe": _recipe(cfg), "split": run.digest("split")},
+                "memsurgery run <recipe>")
+
+
+def _scores(run: RunFolder, cfg: Any, *models: str) -> ScoreSet:
+    """scores.json, checked to come from this folder's f (and g) and this recipe."""
+    scores = ScoreSet.load(run.scores_path)
+    run.require("scores.json", scores.provenance, {"recipe": _recipe(cfg), **{m: run.digest(m) for m in models}},
+                "memsurgery score <recipe>")
+    return scores
+
+
 def _need(cfg: Any, name: str) -> Any:
     section = getattr(cfg.surgery, name)
     if section is None:
@@ -47,13 +68,18 @@ def stage_score(cfg: Any, progress: bool = True, data: Data | None = None) -> di
     from .probe import run_probe
 
     run = RunFolder(cfg.output)
-    f, _ = run.load("f")
-    g = run.load("g")[0] if run.model_path("g").exists() else None
+    f, fmeta = run.load("f")
+    _trained(run, cfg, "f", fmeta)
+    g = None
+    if run.model_path("g").exists():
+        g, gmeta = run.load("g")
+        _trained(run, cfg, "g", gmeta)
     images, labels = _data(cfg, progress, data)
     split = TwinSplit.load_json(run.split_path)
     probe_cfg = dataclasses.replace(cfg.probe, progress=progress)
     result = run_probe(f, images, split.candidates, reference=g, labels=labels, config=probe_cfg)
-    scores = ScoreSet.from_probe(result)
+    names = ("split", "f", "g") if g is not None else ("split", "f")
+    scores = ScoreSet.from_probe(result, run.provenance(*names, recipe=_recipe(cfg)))
     scores.save(run.scores_path)
     report = _score_report(scores)
     return report
@@ -79,7 +105,8 @@ def stage_prune(cfg: Any, progress: bool = True, data: Data | None = None) -> di
     pc = _need(cfg, "prune")
     run = RunFolder(cfg.output)
     f, meta = run.load("f")
-    scores = ScoreSet.load(run.scores_path)
+    _trained(run, cfg, "f", meta)
+    scores = _scores(run, cfg, "f")
     example = torch.zeros((1, *meta["input_shape"][1:]))
     unit_scores = scores.unit(pc.score)
     if pc.mode == "structural":  # coupled layers (residual sums) lose the same channels: one score per group
@@ -98,10 +125,13 @@ def stage_prune(cfg: Any, progress: bool = True, data: Data | None = None) -> di
         rep = prune_structural_(model, plan, example, heads=pc.heads)
         history = rep.extra.get("history")
     after = evaluate(model)
+    inputs = run.provenance("f", "scores", recipe=_recipe(cfg))
     saved = run.save("pruned", model, meta, plan=plan, history=history, options=scores.options,
-                     scores={pc.score: scores.unit(pc.score)}, extra={"stage": "prune", "config": dataclasses.asdict(pc)})
+                     scores={pc.score: scores.unit(pc.score)},
+                     extra={"stage": "prune", "config": dataclasses.asdict(pc), "provenance": inputs})
     report = {"stage": "prune", "config": dataclasses.asdict(pc), "plan": plan.to_dict(), "changes": rep.to_dict(),
-              "accuracy_before": before, "accuracy_after": after, "model": saved}
+              "accuracy_before": before, "accuracy_after": after, "model": saved,
+              "provenance": {**inputs, "pruned": run.digest("pruned")}}
     return report
 
 
@@ -115,8 +145,13 @@ def stage_swap(cfg: Any, progress: bool = True, data: Data | None = None) -> dic
     sc = _need(cfg, "swap")
     run = RunFolder(cfg.output)
     f, meta = run.load("f")
-    donor = run.load("g")[0] if sc.donor == "g" else load_model(Path(sc.donor))[0]
-    scores = ScoreSet.load(run.scores_path)
+    _trained(run, cfg, "f", meta)
+    if sc.donor == "g":
+        donor, gmeta = run.load("g")
+        _trained(run, cfg, "g", gmeta)
+    else:
+        donor = load_model(Path(sc.donor))[0]
+    scores = _scores(run, cfg, "f", *(("g",) if sc.donor == "g" else ()))
     plan = plan_layers(with_weights(f, scores.layer(sc.score)), sc.strategy, k=sc.k, seed=sc.seed, protected=sc.protected,
                        score_name=sc.score)
     plan.check(f)
@@ -126,10 +161,12 @@ def stage_swap(cfg: Any, progress: bool = True, data: Data | None = None) -> dic
     model = copy.deepcopy(f)
     rep = swap_layers_(model, donor, plan, weights_only=sc.weights_only)
     after = evaluate(model)
-    saved = run.save("swapped", model, meta, plan=plan, options=scores.options,
-                     scores={sc.score: scores.layer(sc.score)}, extra={"stage": "swap", "config": dataclasses.asdict(sc)})
+    inputs = run.provenance("f", "scores", *(("g",) if sc.donor == "g" else ()), recipe=_recipe(cfg))
+    saved = run.save("swapped", model, meta, plan=plan, options=scores.options, scores={sc.score: scores.layer(sc.score)},
+                     extra={"stage": "swap", "config": dataclasses.asdict(sc), "provenance": inputs})
     report = {"stage": "swap", "config": dataclasses.asdict(sc), "plan": plan.to_dict(), "changes": rep.to_dict(),
-              "accuracy_before": before, "accuracy_after": after, "model": saved}
+              "accuracy_before": before, "accuracy_after": after, "model": saved,
+              "provenance": {**inputs, "swapped": run.digest("swapped")}}
     if sc.rescore:
         report["layermem"] = _rescore(cfg, run, f, model, plan, images, progress)
     return report
@@ -162,9 +199,17 @@ def stage_finetune(cfg: Any, progress: bool = True, data: Data | None = None) ->
     fc = _need(cfg, "finetune")
     run = RunFolder(cfg.output)
     model, meta = run.load(fc.source)
+    if fc.source == "f":
+        _trained(run, cfg, "f", meta)
+    else:  # the pruned / swapped model must be the one its stage's report describes, made from this f
+        stage = {"pruned": "prune", "swapped": "swap"}[fc.source]
+        path = run.report_path(stage)
+        recorded = json.loads(path.read_text()).get("provenance") if path.is_file() else None
+        run.require(f"{fc.source}.safetensors", recorded, {fc.source: run.digest(fc.source), "f": run.digest("f")},
+                    f"memsurgery {stage} <recipe>")
     layer_scores = None
     if fc.policy == "ranked":
-        layer_scores = with_weights(model, ScoreSet.load(run.scores_path).layer(fc.score))
+        layer_scores = with_weights(model, _scores(run, cfg, "f").layer(fc.score))
     layers = select_layers(model, fc.policy, scores=layer_scores, k=fc.k)
     images, labels = _data(cfg, progress, data)
     evaluate = _evaluator(cfg, images, labels)
@@ -174,13 +219,15 @@ def stage_finetune(cfg: Any, progress: bool = True, data: Data | None = None) ->
     result = finetune_(model, layers, images[tr], labels[tr], images[te], labels[te], ft_cfg)
     after = evaluate(model)
     # a structurally pruned source keeps its pruning history: the loader rebuilds its shapes from it
+    inputs = run.provenance(fc.source, recipe=_recipe(cfg))
     saved = run.save("finetuned", model, meta, history=meta.get("history"), plan=meta.get("plan"),
                      extra={"stage": "finetune", "config": dataclasses.asdict(fc), "layers": list(layers),
-                            "source": fc.source, "head": "finetuned_head.safetensors"})
+                            "source": fc.source, "head": "finetuned_head.safetensors", "provenance": inputs})
     save_head(result.head, run.root / "finetuned_head.safetensors")
     report = {"stage": "finetune", "config": dataclasses.asdict(fc), "layers": list(layers),
               "changes": result.report.to_dict(), "accuracy_before": {"linear_acc": result.acc_before},
-              "accuracy_after": {"linear_acc": result.acc_after}, "linear_probe_after": after, "model": saved}
+              "accuracy_after": {"linear_acc": result.acc_after}, "linear_probe_after": after, "model": saved,
+              "provenance": {**inputs, "finetuned": run.digest("finetuned")}}
     return report
 
 
@@ -223,7 +270,8 @@ def save_trained(run: RunFolder, name: str, model: torch.nn.Module, cfg: Any, im
     meta = {"arch": {"name": cfg.model.name, "kwargs": model_kwargs(cfg, images)},
             "input_shape": [1, *images.shape[1:]]}
     return run.save(name, model, meta, options=cfg.probe.options(),
-                    extra={"stage": "train", "config": json.loads(json.dumps(dataclasses.asdict(cfg.train), default=str))})
+                    extra={"stage": "train", "config": json.loads(json.dumps(dataclasses.asdict(cfg.train), default=str)),
+                           "provenance": run.provenance("split", recipe=_recipe(cfg))})
 
 
 @timed

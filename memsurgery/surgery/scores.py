@@ -31,9 +31,10 @@ class ScoreSet:
     argmax: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     layers: dict[str, dict[str, float]] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # digests of what made them (a run folder's f, g, split)
 
     @classmethod
-    def from_probe(cls, result: Any) -> ScoreSet:
+    def from_probe(cls, result: Any, provenance: dict[str, Any] | None = None) -> ScoreSet:
         """From a :class:`memsurgery.probe.ProbeResult` (LayerMem only when it had a reference g);
         unit scores are stored as float32, as a saved file reads them back."""
         from .plan import _paths, layer_scores_from_probe, unit_scores_from_probe
@@ -43,7 +44,7 @@ class ScoreSet:
         paths = _paths(result)
         argmax = {m: {paths.get(k, k): v.argmax.clone() for k, v in getattr(result, m).items()} for m in have_units}
         layers = {m: layer_scores_from_probe(result, m) for m in LAYER_METRICS if getattr(result, m)}
-        return cls(units, argmax, layers, dict(result.options))
+        return cls(units, argmax, layers, dict(result.options), dict(provenance or {}))
 
     def unit(self, metric: str = "unitmem") -> dict[str, torch.Tensor]:
         if metric not in self.units:
@@ -70,6 +71,7 @@ class ScoreSet:
             "argmax": {m: {k: v.tolist() for k, v in d.items()} for m, d in self.argmax.items()},
             "layers": self.layers,
             "options": self.options,
+            "provenance": self.provenance,
         }
 
     @classmethod
@@ -86,14 +88,15 @@ class ScoreSet:
             {m: {k: torch.tensor(v, dtype=torch.long) for k, v in d.items()} for m, d in obj.get("argmax", {}).items()},
             {m: {k: float(v) for k, v in d.items()} for m, d in obj.get("layers", {}).items()},
             dict(obj.get("options", {})),
+            dict(obj.get("provenance", {})),
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically (:func:`memsurgery.pipeline.write_json`)."""
-        from ..pipeline import write_json
+        """Write JSON atomically."""
+        from .._io import atomic_text
 
         path = Path(path)
-        write_json(path, self.to_dict(), indent=1)
+        atomic_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod
