@@ -16,6 +16,7 @@ so ``state_dict`` is safe for ``accelerator.register_for_checkpointing``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 import warnings
@@ -109,6 +110,7 @@ class Monitor:
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.loggers = build_loggers(loggers, log_dir)
         self.last_record: ProbeRecord | None = None
+        self._collapsed_warned: set[str] = set()
         self._options: dict[str, Any] | None = None
         self._checkpoints: Reference | None = None
         self.reference: nn.Module | None = None
@@ -340,6 +342,12 @@ class Monitor:
 
     def _metrics(self, cand: ProbeResult, ctl: ProbeResult | None) -> dict[str, float]:
         out = cand.to_dict(self.thresholds)
+        new = [n for n in cand.collapsed if n not in self._collapsed_warned]
+        if new:
+            self._collapsed_warned.update(new)
+            warnings.warn(f"{', '.join(new)} collapsed at step {self.steps}: the outputs are identical for every view "
+                          "(constant or dead), so LayerMem there is NaN (it would read +1, maximal memorization); the "
+                          "scalar collapsed/<layer> marks it", UserWarning, stacklevel=4)
         ref_split = self.probe.reference_split
         ref_rows = self._split_rows(ctl, ref_split) if ctl is not None and ref_split is not None else None
         if cand.sslmem is not None:
@@ -357,9 +365,11 @@ class Monitor:
                         out[f"ttest_p/{a}>{b}"] = float("nan")
             if ctl is not None and ref_rows is not None:
                 lm_e = layermem({name: ctl.sslmem[ref_rows, j] for j, name in enumerate(ctl.layers)})  # type: ignore[index]
-                for name, v in lm_e.items():
-                    out[f"layermem_{ref_split}/{name}"] = v
-                    out[f"layermem_corrected/{name}"] = cand.layermem[name] - v
+                dead = set(cand.collapsed) | set(ctl.collapsed)
+                for name, lm in lm_e.items():
+                    value = math.nan if name in dead else lm
+                    out[f"layermem_{ref_split}/{name}"] = value
+                    out[f"layermem_corrected/{name}"] = cand.layermem[name] - value
             scores = cand.sslmem_final
         est = None
         if ctl is not None and ref_rows is not None:

@@ -194,6 +194,8 @@ class ProbeResult:
     unitmem: dict[str, UnitScores]
     classmem: dict[str, UnitScores]
     options: dict[str, Any]
+    collapsed: tuple[str, ...] = ()  # layers whose outputs did not change between views (f or g):
+    # constant, dead; their LayerMem would read +1 (maximal) and is NaN instead
 
     @property
     def sslmem_final(self) -> torch.Tensor:
@@ -237,6 +239,8 @@ class ProbeResult:
             out[f"layermem/{k}"] = v
         for k, v in self.delta_layermem.items():
             out[f"delta_layermem/{k}"] = v
+        for k in self.collapsed:
+            out[f"collapsed/{k}"] = 1.0
         if self.sslmem is not None:
             out["sslmem/final_mean"] = float(self.sslmem_final.mean())
         for kind, table in (("unitmem", self.unitmem), ("classmem", self.classmem)):
@@ -557,6 +561,7 @@ def _assemble(cfg: ProbeConfig, state: ProbeState) -> ProbeResult:
     if final not in fwd:
         raise ValueError(f"final_layer {final!r} is not one of the LayerMem points: {', '.join(fwd)}")
     ag = ssl = None
+    collapsed = [n for j, n in enumerate(fwd) if bool((af[:, j] == 0).all())]
     lm: dict[str, float] = {}
     dlm: dict[str, float] = {}
     if has_g:
@@ -564,6 +569,10 @@ def _assemble(cfg: ProbeConfig, state: ProbeState) -> ProbeResult:
         ag = ag[:, [col[n] for n in fwd]]
         ssl = torch.stack([sslmem(af[:, j], ag[:, j], "ratio") for j in range(len(fwd))], dim=1)
         lm = layermem({n: ssl[:, j] for j, n in enumerate(fwd)})
+        for j, n in enumerate(fwd):
+            if bool((af[:, j] == 0).all()) or bool((ag[:, j] == 0).all()):
+                collapsed.append(n)
+                lm[n] = math.nan  # not maximal memorization: no signal at all
         dlm = delta_layermem(lm, parents)
     um = {u: units[u].compute() for u in unit_names}
     cm = {u: classes[u].compute() for u in unit_names if classes[u].sums is not None}
@@ -571,5 +580,5 @@ def _assemble(cfg: ProbeConfig, state: ProbeState) -> ProbeResult:
         indices=indices.cpu(), layers=fwd, parents=parents, final_layer=final,
         align_f=af.cpu(), align_g=None if ag is None else ag.cpu(), sslmem=None if ssl is None else ssl.cpu(),
         layermem=lm, delta_layermem=dlm, unit_layers=unit_names, unitmem=um, classmem=cm,
-        options={**cfg.options(), "layer_paths": dict(state.paths)},
+        options={**cfg.options(), "layer_paths": dict(state.paths)}, collapsed=tuple(dict.fromkeys(collapsed)),
     )

@@ -55,6 +55,12 @@ def check_images(x: torch.Tensor, what: str = "probe images") -> None:
             "the range) or float in [0, 1] (images / 255)"
         )
     if x.is_floating_point() and x.numel():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            n = int(bad.flatten(1).any(1).sum())
+            first = int(bad.flatten(1).any(1).nonzero()[0])
+            raise ValueError(f"{what} hold NaN or infinite pixels ({n} image{'s' if n != 1 else ''}, the first at "
+                             f"row {first}): fix or drop those images (a NaN would reach the views as an invalid index)")
         flo, fhi = float(x.min()), float(x.max())
         if flo < -_FLOAT_TOL:
             raise ValueError(

@@ -380,3 +380,12 @@ def test_torchvision_cifar10_with_its_training_transform(images):
     assert cfg.mean == (0.49, 0.48, 0.45)
     out = Monitor(_resnet18(), probe, config=cfg).compute()
     assert cfg.views.describe()["input"] == "pil" and "layermem_est/layer4.1" in out
+
+
+def test_a_nan_pixel_is_refused_when_the_probe_set_is_built():
+    import memsurgery
+
+    images = torch.rand(12, 3, 8, 8)
+    images[5, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite pixels \(1 image, the first at row 5\)"):
+        memsurgery.ProbeSet(images, torch.arange(6), {"extra": torch.arange(6, 12)})

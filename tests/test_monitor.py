@@ -154,3 +154,28 @@ def test_probe_set_and_monitor_errors(data):
         ProbeSet.from_split(images, test_split)
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         Monitor(f, ProbeSet.from_split(images, split), reference=f, every_n_steps=0)
+
+
+def test_a_collapsed_layer_is_flagged_not_reported_as_maximal_memorization():
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1))
+
+    f, g = net(), net()
+    with torch.no_grad():  # f's second conv collapsed: the same constant output for every input
+        f[2].weight.zero_()
+        f[2].bias.fill_(0.5)
+    images = torch.rand(20, 3, 12, 12)
+    probe = ProbeSet(images, torch.arange(10), {"extra": torch.arange(10, 20)})
+    cfg = ProbeConfig(layers=("0", "2"), unit_layers=None, num_pairs=2)
+    mon = Monitor(f, probe, reference=g, config=cfg)
+    with pytest.warns(UserWarning, match=r"2 collapsed at step 0.*LayerMem there is NaN \(it would read \+1"):
+        m = mon.compute()
+    assert mon.last.sslmem[:, 1].eq(1.0).all()  # what it used to report: SSLMem' = +1 for every point
+    assert m["collapsed/2"] == 1.0 and "collapsed/0" not in m
+    for key in ("layermem/2", "delta_layermem/2", "layermem_extra/2", "layermem_corrected/2", "layermem_est/2"):
+        assert math.isnan(m[key]), key
+    assert math.isfinite(m["layermem/0"]) and abs(m["layermem/0"]) < 1  # the live layer is measured as before
