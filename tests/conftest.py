@@ -67,3 +67,18 @@ def demo_folder(tmp_path_factory):
     from memsurgery.data import demo_image_folder
 
     return demo_image_folder(tmp_path_factory.mktemp("digits-folder"), size=32, per_split=(48, 24))
+
+
+@pytest.fixture(autouse=True)
+def _no_tracker_state_between_tests():
+    """wandb and MLflow keep process-wide state (a current run, the settings singleton, the
+    tracking URI); each test starts without what an earlier one left."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.finish()
+        wandb.teardown()
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()

@@ -30,7 +30,8 @@ class WandbLogger(ProbeLogger):
         prefix: put before every key (``"memsurgery/"``).
         scalars / media: write the curves / the figures, images and histograms.
         step_key: the step column in a shared run (``"train/global_step"`` next to HF's rows).
-        background: draw the figures and log the rows in a background thread, in probe order.
+        background: draw the figures and log the rows in a background thread, in probe order (a run
+            of its own only: into a shared run memsurgery logs from the caller's thread).
         figure_budget: as for :class:`~memsurgery.loggers.TensorBoardLogger`.
         **init: ``wandb.init`` arguments for a run of its own (``project``, ``dir``, ``mode``, ...).
 
@@ -51,7 +52,9 @@ class WandbLogger(ProbeLogger):
         self.step_key = step_key or (None if run is None else f"{prefix}step")
         self.init = {"project": "memsurgery", **init}
         self.figures = FigureSchedule(figure_budget)
-        self.worker = Worker(f"memsurgery-{self.name}", background)
+        # a run the host also logs into is logged from the caller's thread: wandb drops a row whose
+        # explicit step is behind the host's, and the host's rows and ours must not interleave
+        self.worker = Worker(f"memsurgery-{self.name}", background and run is None)
         self._declared = False
 
     def _run(self) -> Any:
