@@ -97,8 +97,6 @@ class TrainerReports(ProbeLogger):
                 lg = WandbLogger(run=c._wandb.run, prefix="train/" + PREFIX, scalars=False, step_key="train/global_step")
             elif kind == "MLflowCallback" and getattr(c, "_ml_flow", None) is not None and c._ml_flow.active_run():
                 lg = MLflowLogger(run_id=c._ml_flow.active_run().info.run_id, prefix=PREFIX, scalars=False)
-            elif kind not in self._warned:
-                self._warned.add(kind)
             self._media[key] = lg
         return self._media[key]
 

@@ -151,6 +151,12 @@ def heatmap_figure(timeline: Timeline, layer_paths: dict[str, str] | None = None
     return fig
 
 
+def hwc(img: Any) -> np.ndarray:
+    """A uint8 [C, H, W] image tensor as an RGB [H, W, 3] array (grey repeated)."""
+    arr = img.permute(1, 2, 0).numpy()
+    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+
+
 def points_figure(cards: Sequence[PointCard], title: str, columns: int = 4, cell: int = 112) -> Any:
     """A grid of captioned point images, each upscaled (nearest) to ``cell`` pixels, in one
     mosaic: cheap to draw whatever the number of points."""
@@ -164,9 +170,7 @@ def points_figure(cards: Sequence[PointCard], title: str, columns: int = 4, cell
         r, q = divmod(k, cols)
         img = c.image
         assert img is not None
-        arr = img.permute(1, 2, 0).numpy()
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
+        arr = hwc(img)
         h, w = arr.shape[:2]
         scale = max(1, cell // max(h, w))
         up = arr.repeat(scale, axis=0).repeat(scale, axis=1)[:cell, :cell]

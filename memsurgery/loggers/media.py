@@ -11,6 +11,8 @@ the layer x step heatmap, and scalars, histograms and text are written for every
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +69,18 @@ class FigureSchedule:
         self.draw_s += time.perf_counter() - t
         self.drawn.append(record.step)
         return out
+
+
+def finish_figures(worker: Any, schedule: FigureSchedule, write: Callable[[ProbeRecord, Drawn], None]) -> None:
+    """At a logger's end: draw the last probe's figures when its turn was skipped and hand them to
+    ``write(record, drawn)``, in the logger's thread (after every probe still queued there)."""
+
+    def last() -> None:
+        final = schedule.final()
+        if final is not None:
+            write(*final)
+
+    worker.submit(last)
 
 
 def _figures(record: ProbeRecord, timeline: Timeline) -> list[tuple[str, object, str]]:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from .base import ProbeLogger, register_logger
-from .media import DEFAULT_BUDGET, FigureSchedule
+from .media import DEFAULT_BUDGET, FigureSchedule, finish_figures
 from .record import ProbeRecord, safe_key
 from .worker import Worker
 
@@ -92,13 +92,8 @@ class MLflowLogger(ProbeLogger):
     def finish(self) -> None:
         if self.client is not None:
             client = self.client
-
-            def last() -> None:
-                final = self.figures.final()
-                if final is not None:
-                    self._images(client, f"{safe_key(self.prefix)}step_{final[0].step:08d}", final[1])
-
-            self.worker.submit(last)
+            finish_figures(self.worker, self.figures, lambda record, drawn: self._images(
+                client, f"{safe_key(self.prefix)}step_{record.step:08d}", drawn))
         self.worker.stop()
         if self.owns_run and self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id)

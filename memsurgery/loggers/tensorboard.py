@@ -23,7 +23,7 @@ import re
 from typing import Any
 
 from .base import ProbeLogger, register_logger
-from .media import DEFAULT_BUDGET, FigureSchedule
+from .media import DEFAULT_BUDGET, FigureSchedule, finish_figures
 from .record import FAMILIES, ProbeRecord, chart_tag
 from .worker import Worker
 
@@ -140,26 +140,19 @@ class TensorBoardLogger(ProbeLogger):
                 tags = [re.escape(self.tag(f"{fam}/{n}", record)) for n in group]
                 charts[f"{title}: {', '.join(group)}"] = ["Multiline", tags]
             out[f"{_rank_of(fam)}. {title}"] = charts
-        extra = {k: ["Multiline", [re.escape(self.tag(k, record))]] for k in record.scalars
-                 if k.startswith(("sslmem/", "ttest_p/"))}
-        if extra:
-            out["4. SSLMem' per split and t-tests"] = {
-                "final-layer SSLMem' per split": ["Multiline", [v[1][0] for k, v in extra.items() if k.startswith("sslmem/")]],
-                "one-sided t-test p-values": ["Multiline", [v[1][0] for k, v in extra.items() if k.startswith("ttest_p/")]],
-            }
-            out["4. SSLMem' per split and t-tests"] = {k: v for k, v in out["4. SSLMem' per split and t-tests"].items() if v[1]}
+        splits = {}
+        for title, prefix in (("final-layer SSLMem' per split", "sslmem/"), ("one-sided t-test p-values", "ttest_p/")):
+            tags = [re.escape(self.tag(k, record)) for k in record.scalars if k.startswith(prefix)]
+            if tags:
+                splits[title] = ["Multiline", tags]
+        if splits:
+            out["4. SSLMem' per split and t-tests"] = splits
         return out
 
     def finish(self) -> None:
         if self.writer is not None:
             w = self.writer
-
-            def last() -> None:
-                final = self.figures.final()
-                if final is not None:
-                    self._images(w, final[0].step, final[1])
-
-            self.worker.submit(last)
+            finish_figures(self.worker, self.figures, lambda record, drawn: self._images(w, record.step, drawn))
         self.worker.stop()
         if self.writer is not None:
             self.writer.flush()

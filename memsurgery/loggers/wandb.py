@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from .base import ProbeLogger, register_logger
-from .media import DEFAULT_BUDGET, FigureSchedule
+from .figures import hwc
+from .media import DEFAULT_BUDGET, FigureSchedule, finish_figures
 from .record import ProbeRecord
 from .worker import Worker
 
@@ -84,7 +83,7 @@ class WandbLogger(ProbeLogger):
                     if valid.size:
                         row[f"{p}hist/{kind}/{layer}"] = wandb.Histogram(valid.tolist())
             if record.top_points:
-                row[f"{p}top_memorized"] = [wandb.Image(_hwc(c.image), caption=c.caption()) for c in record.top_points
+                row[f"{p}top_memorized"] = [wandb.Image(hwc(c.image), caption=c.caption()) for c in record.top_points
                                             if c.image is not None]
         self._row(run, row, record.step)
 
@@ -105,22 +104,14 @@ class WandbLogger(ProbeLogger):
         run = self.run
         if run is not None:
 
-            def last() -> None:
+            def last(record: ProbeRecord, drawn: list[tuple[str, Any, str]]) -> None:
                 import wandb
 
-                final = self.figures.final()
-                if final is not None:
-                    record, drawn = final
-                    self._row(run, {f"{self.prefix}figures/{n}": wandb.Image(rgb, caption=c) for n, rgb, c in drawn},
-                              record.step)
+                self._row(run, {f"{self.prefix}figures/{n}": wandb.Image(rgb, caption=c) for n, rgb, c in drawn},
+                          record.step)
 
-            self.worker.submit(last)
+            finish_figures(self.worker, self.figures, last)
         self.worker.stop()
         if self.owns_run and self.run is not None:
             self.run.finish()
             self.run = None
-
-
-def _hwc(img: Any) -> np.ndarray:
-    arr = img.permute(1, 2, 0).numpy()
-    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
