@@ -145,20 +145,12 @@ def recipe_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     ``train`` is fingerprinted by the trainer itself), as flat keys (``split.seed``)."""
     import dataclasses
 
-    from .export import to_jsonable
+    from .train import flat_settings
 
     out: dict[str, Any] = {}
-
-    def flat(prefix: str, d: Any) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                flat(f"{prefix}.{k}", v)
-        else:
-            out[prefix] = to_jsonable(d)
-
     for name in ("data", "split", "model", "monitor"):
-        flat(name, dataclasses.asdict(getattr(cfg, name)))
-    flat("probe", cfg.probe.options())
+        out.update(flat_settings(name, dataclasses.asdict(getattr(cfg, name))))
+    out.update(flat_settings("probe", cfg.probe.options()))
     return out
 
 
@@ -166,13 +158,11 @@ def recipe_digest(cfg: RunConfig) -> str:
     """SHA-256 of what shapes a run's trained models and scores: the recipe's data, split, model,
     train (but checkpointing), probe and monitor sections. The surgery section is left out: a
     stage recipe that extends the training recipe uses the same trained models."""
-    import dataclasses
     import hashlib
 
-    from .export import to_jsonable
+    from .train import train_settings
 
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("checkpoint_every", "keep_checkpoints")}
-    text = json.dumps({**recipe_fingerprint(cfg), "train": to_jsonable(train)}, sort_keys=True, default=str)
+    text = json.dumps({**recipe_fingerprint(cfg), **train_settings(cfg.train)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

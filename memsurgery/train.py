@@ -131,6 +131,26 @@ def latest_checkpoint(folder: str | Path, *, warn: bool = True) -> Path | None:
     return None
 
 
+def flat_settings(prefix: str, settings: Any) -> dict[str, Any]:
+    """Nested settings as flat JSON-able keys: ``flat_settings("split", {"seed": 0})`` ->
+    ``{"split.seed": 0}``."""
+    from .export import to_jsonable
+
+    if isinstance(settings, dict):
+        out: dict[str, Any] = {}
+        for k, v in settings.items():
+            out.update(flat_settings(f"{prefix}.{k}", v))
+        return out
+    return {prefix: to_jsonable(settings)}
+
+
+def train_settings(config: TrainConfig) -> dict[str, Any]:
+    """Every training setting as flat ``train.*`` keys, but ``checkpoint_every`` /
+    ``keep_checkpoints`` (they do not change the result)."""
+    return flat_settings("train", {k: v for k, v in asdict(config).items()
+                                   if k not in ("checkpoint_every", "keep_checkpoints")})
+
+
 def fingerprint(config: TrainConfig, images: torch.Tensor, indices: list[torch.Tensor],
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run's checkpoints must agree on to be resumed: every training setting (flat keys,
@@ -141,16 +161,7 @@ def fingerprint(config: TrainConfig, images: torch.Tensor, indices: list[torch.T
 
     from .export import to_jsonable
 
-    def flat(prefix: str, d: Any) -> dict[str, Any]:
-        if isinstance(d, dict):
-            out: dict[str, Any] = {}
-            for k, v in d.items():
-                out.update(flat(f"{prefix}.{k}", v))
-            return out
-        return {prefix: to_jsonable(d)}
-
-    train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")}
-    out = flat("train", train)
+    out = train_settings(config)
     out["data.images.sha256"] = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
     for i, idx in enumerate(indices):
         out[f"data.indices[{i}].sha256"] = hashlib.sha256(idx.contiguous().numpy().tobytes()).hexdigest()
