@@ -15,19 +15,20 @@ from hypothesis.configuration import set_hypothesis_home_dir
 torch.set_num_threads(2)
 
 
-def _register_naive() -> None:
-    """Make tests/_naive.py (deliberately naive reference implementations) importable as
-    ``memsurgery_tests_naive`` under pytest's importlib import mode."""
-    name = "memsurgery_tests_naive"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_naive.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+def _register_helpers() -> None:
+    """Make the test helper files importable under pytest's importlib import mode: tests/_naive.py
+    (deliberately naive reference implementations) as ``memsurgery_tests_naive``, tests/_wandb_read.py
+    (an offline wandb run reader) as ``memsurgery_tests_wandb_read``."""
+    for name, file in (("memsurgery_tests_naive", "_naive.py"), ("memsurgery_tests_wandb_read", "_wandb_read.py")):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
 
 
-_register_naive()
+_register_helpers()
 # tests write only to temporary directories: no example database in the repository
 settings.register_profile("memsurgery", database=None, deadline=None)
 settings.load_profile("memsurgery")

@@ -200,15 +200,12 @@ def test_hf_trainer_probes_reach_wandb_and_mlflow(tmp_path, demo_folder, monkeyp
     pytest.importorskip("transformers")
     wandb = pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    import importlib.util
     import math
 
+    import memsurgery_tests_wandb_read as reader
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
-    reader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reader)
     uri = "file:" + str(tmp_path / "mlruns")
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
                        "WANDB_DISABLE_CODE": "true", "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_TRACKING_URI": uri,
@@ -271,9 +268,9 @@ def test_lightning_wandb_and_mlflow_loggers_get_the_probes(tmp_path, monkeypatch
     pytest.importorskip("lightning")
     wandb = pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    import importlib.util
 
     import lightning as L
+    import memsurgery_tests_wandb_read as reader
     import torch
     from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
     from memsurgery.integrations.lightning import MemorizationCallback
@@ -281,9 +278,6 @@ def test_lightning_wandb_and_mlflow_loggers_get_the_probes(tmp_path, monkeypatch
 
     import memsurgery
 
-    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
-    reader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reader)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("WANDB_SILENT", "true")
     uri = "file:" + str(tmp_path / "mlruns")

@@ -231,14 +231,10 @@ def test_single_encoder_mode_has_no_empty_panel(setup, tmp_path):
 
 def test_wandb_offline_run_read_back(setup, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    import importlib.util
+
+    from memsurgery_tests_wandb_read import history
 
     from memsurgery.loggers import WandbLogger
-
-    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
-    reader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reader)
-    history = reader.history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     settings = wandb.Settings(x_disable_stats=True, console="off", silent=True, x_save_requirements=False)
@@ -342,17 +338,14 @@ def test_figures_stay_within_their_time_budget(setup):
 def test_accelerate_wandb_and_mlflow_trackers_get_scalars_and_media(setup, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    import importlib.util
 
+    import memsurgery_tests_wandb_read as reader
     import mlflow
     from accelerate import Accelerator
     from mlflow.tracking import MlflowClient
 
     from memsurgery.loggers import AccelerateLogger
 
-    spec = importlib.util.spec_from_file_location("memsurgery_tests_wandb_read", Path(__file__).with_name("_wandb_read.py"))
-    reader = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reader)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("WANDB_SILENT", "true")
     uri = "file:" + str(tmp_path / "mlruns")
