@@ -29,8 +29,6 @@ class WandbLogger(ProbeLogger):
         prefix: put before every key (``"memsurgery/"``).
         scalars / media: write the curves / the figures, images and histograms.
         step_key: the step column in a shared run (``"train/global_step"`` next to HF's rows).
-        background: draw the figures and log the rows in a background thread, in probe order (a run
-            of its own only: into a shared run memsurgery logs from the caller's thread).
         figure_budget: as for :class:`~memsurgery.loggers.TensorBoardLogger`.
         **init: ``wandb.init`` arguments for a run of its own (``project``, ``dir``, ``mode``, ...).
 
@@ -42,7 +40,7 @@ class WandbLogger(ProbeLogger):
     name = "wandb"
 
     def __init__(self, run: Any = None, *, prefix: str = "memsurgery/", scalars: bool = True, media: bool = True,
-                 step_key: str | None = None, background: bool = True, figure_budget: float | None = DEFAULT_BUDGET,
+                 step_key: str | None = None, figure_budget: float | None = DEFAULT_BUDGET,
                  **init: Any) -> None:
         if run is not None and init:
             raise ValueError(f"give either a run or wandb.init arguments ({', '.join(init)}), not both")
@@ -51,9 +49,10 @@ class WandbLogger(ProbeLogger):
         self.step_key = step_key or (None if run is None else f"{prefix}step")
         self.init = {"project": "memsurgery", **init}
         self.figures = FigureSchedule(figure_budget)
-        # a run the host also logs into is logged from the caller's thread: wandb drops a row whose
-        # explicit step is behind the host's, and the host's rows and ours must not interleave
-        self.worker = Worker(f"memsurgery-{self.name}", background and run is None)
+        # rows are logged from the caller's thread, never a background one: wandb dropped rows
+        # logged from another thread (a whole probe's row in an offline run of its own; a row whose
+        # explicit step fell behind the host's in a shared one). The figure budget bounds the cost.
+        self.worker = Worker(f"memsurgery-{self.name}", background=False)
         self._declared = False
 
     def _run(self) -> Any:
