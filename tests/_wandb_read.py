@@ -41,10 +41,29 @@ def records(path: str | Path) -> list[Any]:
     return out
 
 
+def finished_records(path: str | Path, timeout_s: float = 60.0) -> list[Any]:
+    """The records of a run that has finished: wandb's service writes the file after
+    ``run.finish()`` returns, so this waits (up to ``timeout_s``) for the closing ``exit`` record."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            recs = records(path)
+        except Exception:  # a chunk still being written (protobuf DecodeError): read again
+            recs = []
+        if any(r.WhichOneof("record_type") == "exit" for r in recs):
+            return recs
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {timeout_s:g} s: the run was not finished")
+        time.sleep(0.1)
+
+
 def history(path: str | Path) -> list[dict[str, Any]]:
-    """The logged rows: {key: value}; media as their JSON descriptions ({"_type": "image-file", ...})."""
+    """The logged rows of a finished run: {key: value}; media as their JSON descriptions
+    ({"_type": "image-file", ...})."""
     rows = []
-    for rec in records(path):
+    for rec in finished_records(path):
         if rec.WhichOneof("record_type") != "history":
             continue
         row: dict[str, Any] = {"_step": rec.history.step.num}
