@@ -102,6 +102,12 @@ def test_check_against_the_model(resnet9: torch.nn.Module) -> None:
         UnitPlan({"res2": (0,)}, {"res2": 64}).check(resnet9)
     with pytest.raises(ValueError, match="protected layer 'head'"):
         UnitPlan({"head": (0,)}, {"head": 10}).check(build_encoder("resnet9", num_classes=10))
+    # a misspelt protected layer would leave the layer it meant unprotected: named, with close matches
+    with pytest.raises(ValueError, match=r"protects layer 'conv33', which ResNet9 does not have\. Closest valid names: conv3"):
+        plan_units(scores, "low", ratio=0.1, protected=("conv33",)).check(resnet9)
+    with pytest.raises(ValueError, match=r"the layer plan protects layer 'conv33'"):
+        plan_layers({"conv3": 0.1, "conv5": 0.2}, "top", k=1, protected=("conv33",)).check(resnet9)
+    plan_units(scores, "low", ratio=0.1, protected=("conv3",)).check(resnet9)  # a real name is fine
 
 
 def test_resolve_unit_layers_of_each_family(resnet9: torch.nn.Module) -> None:

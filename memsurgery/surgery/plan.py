@@ -168,6 +168,9 @@ def default_protected(model: nn.Module) -> tuple[str, ...]:
 
 def _check_names(model: nn.Module, names: Sequence[str], protected: Sequence[str], what: str) -> None:
     modules = [n for n, _ in model.named_modules() if n]
+    for p in protected:  # a misspelt protected layer would leave the layer it meant unprotected
+        if not any(n == p or n.startswith(p + ".") for n in modules):
+            raise ValueError(f"{what} protects layer {p!r}, which {type(model).__name__} does not have.{_close(p, modules)}")
     for name in names:
         if name not in modules:
             raise ValueError(f"{what} names layer {name!r}, which {type(model).__name__} does not have.{_close(name, modules)}")
