@@ -4,7 +4,9 @@ A backend subclasses :class:`ProbeLogger`, sets ``name`` and implements :meth:`P
 (one :class:`~memsurgery.loggers.record.ProbeRecord` per probe) and, when it holds resources,
 :meth:`ProbeLogger.finish`. It is registered with :func:`register_logger` and then named in
 ``Monitor(loggers=["my_backend"])``. Loggers run on rank 0 only (``main_process_only``); they
-never import the monitor or the probe runner.
+never import the monitor or the probe runner. The built-in backends register themselves when
+``memsurgery.loggers`` is imported (its ``__init__`` imports each; importing any of its modules
+runs it first).
 """
 
 from __future__ import annotations
@@ -71,12 +73,7 @@ def register_logger(cls: L) -> L:
 
 
 def logger_names() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
-
-
-def _load_builtins() -> None:
-    from . import jsonl, mlflow, tensorboard, wandb  # noqa: F401  (registers them)
 
 
 def build_loggers(loggers: Any, log_dir: str | os.PathLike[str] | None) -> list[ProbeLogger]:
@@ -95,7 +92,6 @@ def build_loggers(loggers: Any, log_dir: str | os.PathLike[str] | None) -> list[
     if log_dir is not None and not items:
         names, items = ["tensorboard"], ["tensorboard"]
     out: list[ProbeLogger] = []
-    _load_builtins()
     for x in items:
         if isinstance(x, ProbeLogger):
             out.append(x)
