@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun + accelerate, gloo) give the single-process results."""
+"""Two CPU processes (`accelerate launch`, gloo) give the single-process results."""
 
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ def _run(args: list[str], tmp: Path) -> None:
 def test_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([sys.executable, str(WORKER), str(one)], tmp_path)
-    # torchrun is what accelerate's multi-process launcher wraps; Accelerator(cpu=True) inside the
-    # worker then runs as DistributedType.MULTI_CPU over gloo
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    # a real `accelerate launch` that starts 2 processes: on a machine without GPUs `--multi_gpu`
+    # takes accelerate's torchrun launcher, and Accelerator(cpu=True) in the worker then runs as
+    # DistributedType.MULTI_CPU over gloo (`--cpu --num_processes 2` would start ONE process)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
           str(WORKER), str(two)], tmp_path)
     a, b = torch.load(one), torch.load(two)
     # the monitor's logger: rank 0 alone wrote one line per probe, with the single process's values

@@ -1,6 +1,6 @@
-"""Run by tests/test_distributed.py, once alone and once under torchrun with 2 CPU processes
-(gloo; ``Accelerator(cpu=True)`` inside then runs as MULTI_CPU; note that ``accelerate launch
---num_processes 2 --cpu`` without a multi-CPU config starts ONE process with accelerate 1.16):
+"""Run by tests/test_distributed.py, once alone and once under ``accelerate launch --multi_gpu
+--num_processes 2`` on CPUs (accelerate's torchrun launcher; ``Accelerator(cpu=True)`` inside then
+runs as MULTI_CPU over gloo; ``accelerate launch --num_processes 2 --cpu`` would start ONE process):
 probe the same twins on the same points, plan and prune from the scores on every rank, and save
 rank 0's result with every rank's plans and pruned-weight digests."""
 
