@@ -25,7 +25,7 @@ from memsurgery.data import twin_split
 from memsurgery.loggers import build_loggers
 from memsurgery.loggers.media import DEFAULT_BUDGET, FigureSchedule
 from memsurgery.monitor import Monitor, ProbeSet
-from memsurgery.recipe import _load_data, build_twins, load_recipe
+from memsurgery.recipe import build_twins, load_data, load_recipe
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(Path(__file__).parent.parent / "recipes" / "quickstart.yaml"))
     args = ap.parse_args()
     cfg = load_recipe(args.recipe)
-    images, labels = _load_data(cfg.data, progress=False)
+    images, labels = load_data(cfg.data, progress=False)
     s = cfg.split
     split = twin_split(len(images), s.shared, s.candidates, s.independent, s.extra, seed=s.seed)
     f, g = build_twins(cfg, images)

@@ -97,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.run:
         return 0
-    from memsurgery.pipeline import EvalConfig, Evaluator, RunFolder
-    from memsurgery.recipe import _load_data, load_recipe
+    from memsurgery.recipe import EvalConfig, Evaluator, RunFolder, load_data, load_recipe
     from memsurgery.surgery.scores import ScoreSet
 
     cfg = load_recipe(args.recipe)
-    images, labels = _load_data(cfg.data, progress=False)
+    images, labels = load_data(cfg.data, progress=False)
     evaluate = Evaluator(images, labels, EvalConfig(), cfg.train.mean, cfg.train.std)
     run = RunFolder(args.run)
     f, meta = run.load("f")

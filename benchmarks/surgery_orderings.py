@@ -35,9 +35,8 @@ def _mean_std(v: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memsurgery.pipeline import EvalConfig, Evaluator, RunFolder
-    from memsurgery.recipe import _load_data, load_recipe
-    from memsurgery.stages import with_weights
+    from memsurgery.recipe import EvalConfig, Evaluator, RunFolder, load_data, load_recipe
+    from memsurgery.recipe.stages import with_weights
     from memsurgery.surgery.finetune import FinetuneConfig, finetune_, select_layers
     from memsurgery.surgery.plan import plan_layers, plan_units
     from memsurgery.surgery.prune import group_scores, prune_structural_, zero_units_
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_recipe(args.recipe)
-    images, labels = _load_data(cfg.data, progress=False)
+    images, labels = load_data(cfg.data, progress=False)
     evaluate = Evaluator(images, labels, EvalConfig(knn_k=20), cfg.train.mean, cfg.train.std)
     ratios = [float(r) for r in args.ratios.split(",")]
     modes = [] if args.skip_prune else ["zero"] + (["structural"] if args.structural else [])

@@ -75,3 +75,27 @@ def sha256_files(files: list[Path]) -> str:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """JSON (tensors as lists, dataclasses as dicts, sets sorted, paths as text), written atomically."""
+    import json
+
+    text = json.dumps(obj, indent=indent, default=_json_default)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def _json_default(x: Any) -> Any:
+    import dataclasses
+
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, (set, frozenset)):
+        return sorted(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")

@@ -169,7 +169,7 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
     from .data import TwinSplit
     from .monitor import Monitor
     from .probe_data import ProbeSet
-    from .recipe import estimate_vs_twin, format_summary
+    from .recipe.summary import estimate_vs_twin, format_summary
     from .surgery.scores import ScoreSet
 
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def run_audit(spec: AuditSpec) -> dict[str, Any]:
                                            **{k: int(v.numel()) for k, v in probe.controls.items()}},
         "seconds": time.perf_counter() - t0,
     }
-    from .pipeline import write_json
+    from ._io import write_json
 
     write_json(out / "summary.json", summary)
     atomic_text(out / "summary.md", format_summary(summary))

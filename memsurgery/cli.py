@@ -31,14 +31,8 @@ EPILOG = """examples:
   memsurgery --version
 """
 
-STAGE_HELP = {
-    "score": "measure UnitMem / ClassMem / LayerMem / ΔLayerMem of the trained f (writes scores.json)",
-    "prune": "prune units of f ranked by UnitMem (zeroing or structural) and export the pruned model",
-    "swap": "replace f's top-ranked layers by a donor encoder's and export the result",
-    "finetune": "fine-tune chosen layers + a linear head on the labelled data and export",
-    "export": "export f and g from a training checkpoint as safetensors",
-    "report": "reload every exported model strictly, check its outputs, write report.md / report.json",
-}
+# what a user gets wrong (a recipe, a path, a folder from another run): one line, exit code 2
+USER_ERRORS = (FileNotFoundError, ValueError, TypeError, TimeoutError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,11 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --resume: resume a checkpoint made under another recipe anyway")
     _split_parser(sub)
     _audit_parser(sub)
-    for name, text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ", in the recipe's output folder.")
+    from .recipe import STAGES
+
+    for stage in STAGES.values():
+        text = stage.help
+        p = sub.add_parser(stage.name, help=text, description=text[0].upper() + text[1:] + ", in the recipe's output folder.")
         _common(p)
-        if name == "export":
-            p.add_argument("--checkpoint", help="checkpoint folder (default: the newest under <output>/checkpoints)")
+        for flag, flag_help in stage.options:
+            p.add_argument(flag, help=flag_help)
     return parser
 
 
@@ -169,17 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("split", "audit"):
         try:
             return _run_split(args) if args.command == "split" else _run_audit(args)
-        except (FileNotFoundError, ValueError, TypeError, TimeoutError) as e:
+        except USER_ERRORS as e:
             print(f"memsurgery {args.command}: error: {e}", file=sys.stderr)
             return 2
     import dataclasses
 
-    from .config import ConfigError
-    from .recipe import format_summary, load_recipe, run_recipe
+    from .recipe import STAGES, format_summary, load_recipe, run_recipe, run_stage
 
     try:
         cfg = load_recipe(args.recipe)
-    except (ConfigError, FileNotFoundError) as e:
+    except USER_ERRORS as e:  # ConfigError is a ValueError
         print(f"memsurgery: error: {e}", file=sys.stderr)
         return 2
     if args.output:
@@ -188,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         try:
             summary = run_recipe(cfg, progress=progress, resume=args.resume, force=args.force)
-        except (FileNotFoundError, ValueError, TypeError, TimeoutError) as e:
+        except USER_ERRORS as e:
             print(f"memsurgery run: error: {e}", file=sys.stderr)
             return 2
         print(format_summary(summary))
@@ -196,12 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "report" in summary.get("stages", {}):
             print((Path(cfg.output) / "report.md").read_text())
         return 0
-    from .stages import STAGE_FUNCTIONS
-
-    kwargs = {"checkpoint": args.checkpoint} if args.command == "export" else {}
+    options = {flag.lstrip("-").replace("-", "_"): None for flag, _ in STAGES[args.command].options}
     try:
-        report = STAGE_FUNCTIONS[args.command](cfg, progress=progress, **kwargs)
-    except (FileNotFoundError, ValueError) as e:
+        report = run_stage(args.command, cfg, progress=progress, **{k: getattr(args, k) for k in options})
+    except USER_ERRORS as e:
         print(f"memsurgery {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.command == "report":

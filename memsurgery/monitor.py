@@ -47,7 +47,13 @@ class Monitor:
     Without ``reference``, LayerMem is estimated from never-seen points (the probe set's
     ``reference_split``): per point x and layer l, (mean_E A_f - A_f(x)) / (mean_E A_f + A_f(x)).
     Those keys are marked ``_est`` everywhere.
+
+    ``dry_result`` is the :class:`~memsurgery.probe.ProbeResult` of the dry run made when the
+    monitor is built (two candidates through f and g, one pair of views): it has the layers and
+    unit counts every later probe will have, before any training step.
     """
+
+    dry_result: ProbeResult
 
     state_key = "memsurgery_monitor"
 
@@ -173,7 +179,7 @@ class Monitor:
             )
         dry = replace(cfg, num_pairs=1, num_unit_views=min(cfg.num_unit_views, 2), final_layer=None)
         try:
-            run_probe(f, images, keys, reference=g, config=dry, shard=False)
+            self.dry_result = run_probe(f, images, keys, reference=g, config=dry, shard=False)
         except (ValueError, TypeError, RuntimeError) as e:
             raise type(e)(f"the monitor's dry run (2 probe points through f{' and g' if g is not None else ''}) "
                           f"failed: {e}") from e

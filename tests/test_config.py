@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from memsurgery.cli import main
-from memsurgery.config import ConfigError, from_dict
-from memsurgery.recipe import RunConfig, load_recipe
+from memsurgery.recipe import ConfigError, RunConfig, from_dict, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

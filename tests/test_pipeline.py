@@ -13,10 +13,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from memsurgery.cli import main as cli_main
-from memsurgery.config import ConfigError, from_dict
 from memsurgery.export import load_model
-from memsurgery.pipeline import EvalConfig, SurgeryConfig, eval_split, output_digest
-from memsurgery.recipe import RunConfig, load_recipe, run_recipe
+from memsurgery.recipe import (
+    ConfigError,
+    EvalConfig,
+    RunConfig,
+    SurgeryConfig,
+    check_recipe,
+    from_dict,
+    load_recipe,
+    run_recipe,
+)
+from memsurgery.recipe.folder import output_digest
+from memsurgery.recipe.setup import eval_split
 from memsurgery.surgery.scores import ScoreSet
 
 TINY = {
@@ -142,9 +151,9 @@ def test_bad_surgery_keys_and_stages_are_named():
     with pytest.raises(ConfigError, match=r"surgery\.prune\.ratoi.*ratio"):
         from_dict(RunConfig, {"surgery": {"prune": {"ratoi": 0.1}}})
     with pytest.raises(ConfigError, match=r"unknown stage 'prnue'.*'prune'"):
-        from_dict(RunConfig, {"surgery": {"stages": ["prnue"]}})
+        check_recipe(from_dict(RunConfig, {"surgery": {"stages": ["prnue"]}}))
     with pytest.raises(ConfigError, match=r"no surgery\.swap section"):
-        from_dict(RunConfig, {"surgery": {"stages": ["swap"]}})
+        check_recipe(from_dict(RunConfig, {"surgery": {"stages": ["swap"]}}))
     with pytest.raises(ValueError, match="test_fraction"):
         EvalConfig(test_fraction=1.5)
     assert SurgeryConfig().stages == ()

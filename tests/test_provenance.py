@@ -44,63 +44,63 @@ def _copy(two_runs, tmp_path) -> Path:
 
 
 def test_a_consistent_folder_runs_every_stage(two_runs, tmp_path):
-    from memsurgery.stages import STAGE_FUNCTIONS
+    from memsurgery.recipe import run_stage
 
     out = _copy(two_runs, tmp_path)
     cfg = _tiny(out)
     for stage in ("prune", "finetune"):
-        report = STAGE_FUNCTIONS[stage](cfg, progress=False)
+        report = run_stage(stage, cfg, progress=False)
         assert report["provenance"]["recipe"]
     scores = json.loads((out / "scores.json").read_text())["provenance"]
     assert set(scores) == {"recipe", "split", "f", "g"} and all(scores.values())
 
 
 def test_another_runs_split_and_scores_beside_this_runs_models_are_refused(two_runs, tmp_path):
-    from memsurgery.stages import STAGE_FUNCTIONS
+    from memsurgery.recipe import run_stage
 
     # a re-run with another split seed, killed while writing f: its split.json is already there
     out = _copy(two_runs, tmp_path)
     shutil.copy(two_runs / "seed1" / "split.json", out / "split.json")
     for stage in ("score", "prune"):
         with pytest.raises(ValueError, match=r"f\.safetensors was made from another split\.json.*memsurgery run <recipe>"):
-            STAGE_FUNCTIONS[stage](_tiny(out), progress=False)
+            run_stage(stage, _tiny(out), progress=False)
     # and with its scores too (the case: seed-1 scores / split beside seed-0 f and g)
     shutil.copy(two_runs / "seed1" / "scores.json", out / "scores.json")
     shutil.copy(two_runs / "seed0" / "split.json", out / "split.json")
     with pytest.raises(ValueError, match=r"scores\.json was made from another recipe .*memsurgery score <recipe>"):
-        STAGE_FUNCTIONS["prune"](_tiny(out), progress=False)
+        run_stage("prune", _tiny(out), progress=False)
     # the same recipe and split, but another f (here: g's weights under f's name) than the scores were made from
     shutil.copy(two_runs / "seed0" / "scores.json", out / "scores.json")
     shutil.copy(out / "g.safetensors", out / "f.safetensors")
     with pytest.raises(ValueError, match=r"scores\.json was made from another f\.safetensors.*memsurgery score <recipe>"):
-        STAGE_FUNCTIONS["prune"](_tiny(out), progress=False)
+        run_stage("prune", _tiny(out), progress=False)
 
 
 def test_a_pruned_model_without_its_report_is_not_fine_tuned(two_runs, tmp_path):
-    from memsurgery.stages import STAGE_FUNCTIONS
+    from memsurgery.recipe import run_stage
 
     out = _copy(two_runs, tmp_path)
     cfg = _tiny(out)
     small = dataclasses.replace(cfg, surgery=dataclasses.replace(cfg.surgery, prune=dataclasses.replace(cfg.surgery.prune, ratio=0.2)))
-    STAGE_FUNCTIONS["prune"](small, progress=False)
+    run_stage("prune", small, progress=False)
     old_report = (out / "reports" / "prune.json").read_text()
     big = dataclasses.replace(cfg, surgery=dataclasses.replace(cfg.surgery, prune=dataclasses.replace(cfg.surgery.prune, ratio=0.5)))
-    STAGE_FUNCTIONS["prune"](big, progress=False)
+    run_stage("prune", big, progress=False)
     (out / "reports" / "prune.json").write_text(old_report)  # a prune killed before writing its report
     ft = dataclasses.replace(cfg, surgery=dataclasses.replace(cfg.surgery, finetune=dataclasses.replace(
         cfg.surgery.finetune, source="pruned")))
     with pytest.raises(ValueError, match=r"pruned\.safetensors was made from another pruned\.safetensors.*memsurgery prune"):
-        STAGE_FUNCTIONS["finetune"](ft, progress=False)
+        run_stage("finetune", ft, progress=False)
 
 
 def test_models_trained_under_another_recipe_are_refused(two_runs, tmp_path):
-    from memsurgery.stages import STAGE_FUNCTIONS
+    from memsurgery.recipe import run_stage
 
     out = _copy(two_runs, tmp_path)
     cfg = _tiny(out)
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.01))
     with pytest.raises(ValueError, match=r"f\.safetensors was made from another recipe.*memsurgery run <recipe>"):
-        STAGE_FUNCTIONS["score"](other, progress=False)
+        run_stage("score", other, progress=False)
     # a surgery-only change (a stage recipe that extends the training recipe) is the same run
     same = dataclasses.replace(cfg, surgery=dataclasses.replace(cfg.surgery, prune=dataclasses.replace(cfg.surgery.prune, ratio=0.3)))
-    STAGE_FUNCTIONS["prune"](same, progress=False)
+    run_stage("prune", same, progress=False)

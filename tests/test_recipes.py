@@ -75,13 +75,13 @@ def quickstart_run(tmp_path_factory):
 
 @pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: p.stem)
 def test_stage_recipe_runs_on_its_base_run(path, quickstart_run):
-    from memsurgery.stages import STAGE_FUNCTIONS
+    from memsurgery.recipe import run_stage
 
     assert _extends(path) == (path.parent / "quickstart.yaml").resolve()
     cfg = _miniature(load_recipe(path), quickstart_run)
     assert cfg.surgery.stages, f"{path.name} lists no stage"
     for stage in cfg.surgery.stages:
-        report = STAGE_FUNCTIONS[stage](cfg, progress=False)
+        report = run_stage(stage, cfg, progress=False)
         if stage in ("prune", "swap", "finetune"):
             probe = report["linear_probe_after" if stage == "finetune" else "accuracy_after"]
             assert probe["linear_acc"] > 0.2  # far above chance (0.1): the encoder still works

@@ -186,6 +186,13 @@ def test_no_weights_only_false_anywhere():
     ({"surgery": {"prune": {"ratio": -0.5}}}, r"surgery\.prune\.ratio must be in \[0, 1\), got -0\.5"),
     ({"train": {"lr": "fast"}}, r"train\.lr: expected a number, got 'fast'"),
     ({"surgery": {"stages": ["prun"]}}, r"unknown stage 'prun'\. Did you mean 'prune'"),
+    # each listed stage's plan, checked on the built model before training
+    ({"surgery": {"stages": ["swap"], "swap": {"k": 50}}}, r"stage 'swap' could not run .*k=50 layers asked for, but there are \d+"),
+    ({"surgery": {"stages": ["swap"], "swap": {"donor": "nope.safetensors"}}}, r"donor 'nope\.safetensors' is neither 'g' nor"),
+    ({"surgery": {"prune": {"protected": ["conv99"]}}}, r"stage 'prune' could not run .*protects layer 'conv99'"),
+    ({"surgery": {"stages": ["finetune"]}}, r"source is 'pruned', but the recipe's stages do not run 'prune' before finetune"),
+    ({"surgery": {"finetune": {"policy": "last", "k": 99}}}, r"stage 'finetune' could not run .*k must be an int in \[1, \d+\]"),
+    ({"train": {"checkpoint_every": None}, "surgery": {"stages": ["export"]}}, r"stage 'export' .*train\.checkpoint_every is not set"),
 ])
 def test_bad_recipes_fail_in_one_line_before_training(tmp_path, capsys, section, message):
     import re
