@@ -68,7 +68,7 @@ def test_no_module_imports_itself_back():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycles.append(path[path.index(n):] + [n] if n in path else [m, n])
+                cycles.append([*path[path.index(n):], n] if n in path else [m, n])
             elif n not in state:
                 visit(n, [*path, n])
         state[m] = 2
