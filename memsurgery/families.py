@@ -383,7 +383,19 @@ def _vit(names: LayerNames, found: Found) -> tuple[list[str], dict[str, str | No
         out += [att, res, fc, blk]
         parents.update({att: prev, res: prev, fc: res, blk: prev})
         prev = blk
+    norm = _final_norm(found)
+    if norm is not None:  # the encoder's output (METRICS.md §2): every token after the final norm
+        (tag,) = _tags(names, found, [norm])
+        out.append(tag)
+        parents[tag] = prev
     return out, parents
+
+
+def _final_norm(found: Found) -> str | None:
+    """The ViT's final norm over all tokens (timm's ``norm``; absent, or an Identity when timm
+    pools first and normalizes the pooled token with ``fc_norm``)."""
+    norm = getattr(found.module, "norm", None)
+    return "norm" if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else None
 
 
 def _vit_block_list(names: LayerNames, found: Found) -> tuple[list[str], None]:
@@ -427,7 +439,8 @@ register_family(Family(
     "vit", "timm Vision Transformers (and blocks with norm1 / attn / norm2 / mlp)", _is_vit_root, _vit_child_names,
     {"vit": _vit, "vit-blocks": _vit_block_list, "vit-mlp": _vit_mlp}, "vit", "vit-mlp", "vit-blocks",
     {"vit": "four points per block (METRICS.md §3): attention output before its residual add (ls1), the "
-            "residual sum after attention (input of norm2), MLP output before its residual add (ls2), block output",
+            "residual sum after attention (input of norm2), MLP output before its residual add (ls2), block output; "
+            "then the final norm (the encoder's output, all tokens)",
      "vit-blocks": "every block's output", "vit-mlp": "MLP hidden neurons (post-activation mlp.act), for UnitMem"},
 ))
 

@@ -247,6 +247,9 @@ class ProbeResult:
             for layer, s in table.items():
                 valid = s.valid_scores()
                 out[f"{kind}_mean/{layer}"] = float(valid.mean()) if valid.numel() else math.nan
+                # beside the mean: signed outputs (ViT MLP units with unit_activation="raw") give ratios
+                # outside [0, 1] and invalid units, which move a mean far more than the median
+                out[f"{kind}_median/{layer}"] = float(valid.double().quantile(0.5)) if valid.numel() else math.nan
                 out[f"{kind}_invalid/{layer}"] = float(s.invalid_units)
                 for t in thresholds:
                     out[f"{kind}_frac_above_{t}/{layer}"] = float((valid > t).double().mean()) if valid.numel() else math.nan

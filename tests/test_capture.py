@@ -64,9 +64,11 @@ def test_torchvision_presets():
 def test_vit_preset_four_points_per_block_and_parents(tiny_vit):
     ps = select_points(tiny_vit, "vit")
     assert ps.names[:4] == ("blocks.0.ls1", "blocks.0.norm2:input", "blocks.0.ls2", "blocks.0")
-    assert len(ps.names) == 8
+    assert len(ps.names) == 9 and ps.names[-1] == "norm"  # then the encoder's output: the final norm
     assert ps.parents is not None
     assert ps.parents["blocks.1.ls1"] == "blocks.0"  # ΔATT_N = ATT_N - Block_{N-1}
+    assert ps.parents["blocks.1.norm2:input"] == "blocks.0"  # ΔResATT_N = ResATT_N - Block_{N-1} (docs/metrics.md)
+    assert ps.parents["norm"] == "blocks.1"
     assert ps.parents["blocks.1.ls2"] == "blocks.1.norm2:input"  # ΔFC_N = FC_N - ResATT_N
     assert ps.parents["blocks.1"] == "blocks.0"  # ΔBlock_N = Block_N - Block_{N-1}
     assert ps.parents["blocks.0"] is None
@@ -75,16 +77,20 @@ def test_vit_preset_four_points_per_block_and_parents(tiny_vit):
 
 def test_vit_points_capture_the_residual_stream(tiny_vit):
     seen = {}
-    pts = ("blocks.0.ls1", "blocks.0.norm2:input", "blocks.0.ls2", "blocks.0")
+    pts = ("blocks.0.ls1", "blocks.0.norm2:input", "blocks.0.ls2", "blocks.0", "norm")
     x_in = {}
+    x = torch.rand(2, 3, 16, 16)
     h = tiny_vit.blocks[0].register_forward_pre_hook(lambda m, a: x_in.__setitem__("x", a[0].clone()))
     try:
         with LayerCapture(tiny_vit, pts, lambda p, t: seen.__setitem__(p, t.clone())) as cap:
             cap.begin_pass()
-            tiny_vit.eval()(torch.rand(2, 3, 16, 16))
+            tiny_vit.eval()(x)
             cap.end_pass()
     finally:
         h.remove()
+    # the last point is the encoder's whole output (METRICS.md §2): every token, CLS included, after the final norm
+    with torch.no_grad():
+        torch.testing.assert_close(seen["norm"], tiny_vit.forward_features(x), rtol=0, atol=0)
     # residual sum after attention = block input + attention output; block output = that + MLP output
     torch.testing.assert_close(seen["blocks.0.norm2:input"], x_in["x"] + seen["blocks.0.ls1"])
     torch.testing.assert_close(seen["blocks.0"], seen["blocks.0.norm2:input"] + seen["blocks.0.ls2"])
@@ -217,9 +223,9 @@ def test_architecture_mismatch_is_reported(resnet9):
 @pytest.mark.parametrize(
     ("name", "kwargs", "n_points", "n_units"),
     [
-        ("vit_tiny", {"img_size": 32, "patch_size": 8}, 48, 12),
-        ("vit_small", {"img_size": 32, "patch_size": 4, "depth": 3}, 12, 3),
-        ("vit_base", {"img_size": 24, "patch_size": 12, "depth": 2}, 8, 2),
+        ("vit_tiny", {"img_size": 32, "patch_size": 8}, 48 + 1, 12),  # 4 points per block + the final norm
+        ("vit_small", {"img_size": 32, "patch_size": 4, "depth": 3}, 12 + 1, 3),
+        ("vit_base", {"img_size": 24, "patch_size": 12, "depth": 2}, 8 + 1, 2),
         ("resnet34", {"cifar_stem": True}, 1 + 16, 1 + 16),
         ("resnet50", {"in_channels": 1}, 1 + 16, 1 + 16),
     ],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,12 +240,44 @@ def test_vit_and_torchvision_resnet(tiny_vit, images):
     lm = res.layermem
     assert res.delta_layermem["blocks.1.ls2"] == pytest.approx(lm["blocks.1.ls2"] - lm["blocks.1.norm2:input"])
     assert res.delta_layermem["blocks.1"] == pytest.approx(lm["blocks.1"] - lm["blocks.0"])
+    assert res.delta_layermem["blocks.1.norm2:input"] == pytest.approx(lm["blocks.1.norm2:input"] - lm["blocks.0"])
+    assert res.delta_layermem["blocks.1.ls1"] == pytest.approx(lm["blocks.1.ls1"] - lm["blocks.0"])
+    assert res.delta_layermem["norm"] == pytest.approx(lm["norm"] - lm["blocks.1"])
+    for first in ("blocks.0.ls1", "blocks.0.norm2:input", "blocks.0"):  # no Block_{-1}: they keep their value
+        assert res.delta_layermem[first] == lm[first]
+    assert res.final_layer == "norm"  # per-point SSLMem' ranks by the encoder's whole output
     assert res.unitmem["blocks.0.mlp.act"].scores.shape == (128,)
     tv = build_encoder("resnet18", cifar_stem=True)
     res = run_probe(tv, images, range(4), reference=copy.deepcopy(tv),
                     config=ProbeConfig(layers="resnet-stages", num_pairs=1, num_unit_views=2, progress=False))
     assert res.layers == ("relu", "layer1", "layer2", "layer3", "layer4")
     assert res.unitmem["layer4.1"].scores.shape == (512,)
+
+
+def test_signed_vit_units_report_the_median_and_invalid_count_beside_the_mean(tiny_vit, images):
+    from memsurgery.recipe.summary import format_summary
+
+    cfg = ProbeConfig(layers=["norm"], unit_layers="vit-mlp", num_pairs=1, num_unit_views=2, progress=False)
+    raw = run_probe(tiny_vit, images, range(8), config=cfg)
+    d = raw.to_dict()
+    for layer, s in raw.unitmem.items():
+        valid = sorted(v for v in s.scores.tolist() if v == v)
+        n = len(valid)
+        naive = (valid[(n - 1) // 2] + valid[n // 2]) / 2  # the middle value, or the mean of the two middle ones
+        assert d[f"unitmem_median/{layer}"] == pytest.approx(naive, abs=1e-12)
+        assert d[f"unitmem_invalid/{layer}"] == s.invalid_units == s.scores.isnan().sum()
+    # GELU outputs are signed: raw ratios leave [0, 1]; relu keeps every unit valid and in [0, 1]
+    assert any(((s.scores < 0) | (s.scores > 1)).any() or s.invalid_units for s in raw.unitmem.values())
+    relu = run_probe(tiny_vit, images, range(8), config=dataclasses.replace(cfg, unit_activation="relu"))
+    for s in relu.unitmem.values():
+        assert s.invalid_units == 0
+        valid = s.valid_scores()
+        assert ((valid >= 0) & (valid <= 1)).all()
+    layer = raw.unit_layers[0]
+    text = format_summary({"final": d, "layers": [], "unit_layers": list(raw.unit_layers), "layermem_curve": [],
+                           "seconds": 1.0})
+    row = next(line for line in text.splitlines() if line.startswith(f"| {layer} |"))
+    assert f"{d[f'unitmem_median/{layer}']:.3f}" in row and row.endswith(f"| {d[f'unitmem_invalid/{layer}']:.0f} / - |")
 
 
 def test_clean_aug_mode_and_to_dict(twins, images):
@@ -285,3 +319,30 @@ def test_topk_restricted_layermem_overlap_and_kendall(twins, images):
     assert tau.statistic == pytest.approx(1.0)
     with pytest.raises(ValueError, match="not a measured layer"):
         res.kendall_tau("res6", "fc")
+
+
+@pytest.mark.parametrize(("mode", "k", "v", "pairs", "alone"), [
+    ("aug_aug", 3, 8, [(0, 1), (2, 3), (4, 5)], [6, 7]),  # views 2k, 2k+1 for k = 0..K-1; V > 2K: the rest alone
+    ("aug_aug", 3, 4, [(0, 1), (2, 3), (4, 5)], []),  # unit views 0..3 ride along with the pairs
+    ("clean_aug", 2, 3, [(-1, 0), (-1, 1)], [2]),  # the clean image (-1) and view k
+])
+def test_view_ids_are_those_docs_capture_md_states(monkeypatch, twins, images, mode, k, v, pairs, alone):
+    import memsurgery.probe as probe_mod
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "capture.md").read_text()
+    text = " ".join(doc.split())
+    assert "for k = 0..K−1 makes views 2k and 2k+1" in text and "views 2K..V−1 (if V > 2K; K..V−1 with `clean_aug`)" in text
+    calls = []
+    real = probe_mod.render
+
+    def spy(x, idx, view, views):
+        calls.append(view)
+        return real(x, idx, view, views)
+
+    monkeypatch.setattr(probe_mod, "render", spy)
+    f, g = twins
+    run_probe(f, images, range(4), reference=g, config=ProbeConfig(num_pairs=k, num_unit_views=v, pair_mode=mode,
+                                                                   progress=False))
+    made = [(calls[2 * i], calls[2 * i + 1]) for i in range(k)] if mode == "aug_aug" else [(-1, c) for c in calls[:k]]
+    assert made == pairs
+    assert calls[2 * k if mode == "aug_aug" else k:] == alone

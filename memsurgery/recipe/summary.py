@@ -64,22 +64,32 @@ def _jsonable(x: Any) -> Any:
 def format_summary(s: dict[str, Any]) -> str:
     m = s["final"]
     lines = ["| layer | LayerMem | ΔLayerMem | LayerMem on never-seen (extra) | corrected | single-encoder estimate "
-             "| UnitMem mean | ClassMem mean |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| UnitMem mean | median | ClassMem mean | median | invalid units (UnitMem / ClassMem) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(key: str, fmt: str = "+.4f") -> str:
         v = m.get(key)
         return "" if v is None else format(v, fmt)
 
+    def units(layer: str) -> str:
+        if f"unitmem_mean/{layer}" not in m and f"classmem_mean/{layer}" not in m:
+            return " |  |  |  |  |"
+        invalid = " / ".join(cell(f"{k}_invalid/{layer}", ".0f") or "-" for k in ("unitmem", "classmem"))
+        return (f" {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'unitmem_median/{layer}', '.3f')} "
+                f"| {cell(f'classmem_mean/{layer}', '.3f')} | {cell(f'classmem_median/{layer}', '.3f')} | {invalid} |")
+
     for layer in s["layers"]:
         lines.append(
             f"| {layer} | {cell(f'layermem/{layer}')} | {cell(f'delta_layermem/{layer}')} | {cell(f'layermem_extra/{layer}')} "
-            f"| {cell(f'layermem_corrected/{layer}')} | {cell(f'layermem_est/{layer}')} "
-            f"| {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |"
+            f"| {cell(f'layermem_corrected/{layer}')} | {cell(f'layermem_est/{layer}')} |" + units(layer)
         )
     for layer in s["unit_layers"]:
         if layer not in s["layers"]:
-            lines.append(f"| {layer} |  |  |  |  |  | {cell(f'unitmem_mean/{layer}', '.3f')} | {cell(f'classmem_mean/{layer}', '.3f')} |")
+            lines.append(f"| {layer} |  |  |  |  |  |" + units(layer))
+    if any(m.get(f"{k}_invalid/{layer}") for k in ("unitmem", "classmem") for layer in s["unit_layers"]):
+        lines += ["", "Invalid units (a ratio whose denominator is <= 0: signed outputs such as a ViT's GELU units "
+                  "with unit_activation raw) are left out of the mean and the median; with many, read the median, "
+                  "or probe with unit_activation: relu (docs/metrics.md)."]
     if s.get("collapsed_layers"):
         lines += ["", f"WARNING: {', '.join(s['collapsed_layers'])} collapsed (outputs identical for every view): their "
                   "LayerMem is NaN, not memorization; the encoder (or that layer) has stopped learning."]
