@@ -84,7 +84,7 @@ RESNET_TAGS = ["relu", *[f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
         (lambda: nn.Sequential(*list(_resnet18().children())[:-1]), "relu", "layer4.1", "7.1"),
         (lambda: LightlyStyle(_resnet18()), "relu", "layer4.1", "backbone.7.1"),
         (_timm_resnet, "act1", "layer4.1", "layer4.1"),
-        (_timm_vit, "blocks.0.ls1", "blocks.1", "vit.blocks.1"),
+        (_timm_vit, "blocks.0.ls1", "norm", "vit.norm"),  # the last point: the final norm (the encoder output)
     ],
     ids=["torchvision", "sequential", "lightly-backbone", "timm-resnet", "timm-vit-wrapped"],
 )
