@@ -51,7 +51,7 @@ def smoke(tmp_path_factory):
 
 def test_every_finding_writes_its_table(smoke):
     base, _ = smoke
-    for name in ("prune", "swap", "finetune", "atypical"):
+    for name in ("prune", "swap", "finetune", "atypical", "sl_vs_ssl", "vit"):
         md = (base / "out" / f"{name}.md").read_text()
         data = json.loads((base / "out" / f"{name}.json").read_text())
         assert md.startswith("# ") and "| verdict |" in md.splitlines()[2] and data["rows"], name
@@ -61,7 +61,8 @@ def test_every_finding_writes_its_table(smoke):
     prune = json.loads((base / "out" / "prune.json").read_text())
     assert [r[0] for r in prune["rows"]] == ["no pruning", *(f"{m}, {s}" for m in ("zero", "structural")
                                                            for s in ("per layer", "per layer", "whole network", "whole network"))]
-    assert (base / "out" / "atypical_seed0.png").stat().st_size > 10_000
+    for figure in ("atypical_seed0.png", "sl_vs_ssl_seed0.png"):
+        assert (base / "out" / figure).stat().st_size > 10_000
 
 
 def test_the_encoders_are_cached_digested_and_retrained_when_edited(smoke):

@@ -5,6 +5,8 @@
     python benchmarks/repro/run.py swap     --scale cpu --seeds 0 1 2   # NeurIPS Table 21 / App. C.7
     python benchmarks/repro/run.py finetune --scale cpu --seeds 0 1 2   # NeurIPS Table 5
     python benchmarks/repro/run.py atypical --scale cpu --seeds 0 1 2   # NeurIPS finding 3 / ICLR Fig. 1
+    python benchmarks/repro/run.py sl_vs_ssl --scale cpu --seeds 0 1 2  # NeurIPS Fig. 2 / 3
+    python benchmarks/repro/run.py vit      --scale cpu --seeds 0 1 2   # NeurIPS Table 2 (MAE ViT, digits)
     python benchmarks/repro/run.py all      --scale cpu --seeds 0 1 2
 
 Tables go to ``--out`` (default ``runs/repro/<scale>``) as ``<finding>.md`` / ``.json``; the
@@ -27,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-FINDINGS = ("prune", "swap", "finetune", "atypical")
+FINDINGS = ("prune", "swap", "finetune", "atypical", "sl_vs_ssl", "vit")
 
 
 def _train(args: argparse.Namespace) -> int:
