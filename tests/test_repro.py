@@ -35,8 +35,9 @@ def test_interval_is_the_t_interval_and_the_verdicts_read_it():
     assert m == 2.0 and h == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3), rel=1e-9)  # t(0.975, 2) * s / sqrt(n)
     assert math.isnan(common.interval([5.0])[1]) and common.cell([0.5]) == "50.00"
     assert common.ordered({"a": [3, 3.1, 2.9], "b": [2, 2.1, 1.9], "c": [1, 1.1, 0.9]}, ("a", "b", "c")) == "reproduced"
-    assert common.ordered({"a": [3, 1, 5], "b": [2, 2.1, 1.9], "c": [1, 1.1, 0.9]}, ("a", "b", "c")).startswith("same ordering")
+    assert common.ordered({"a": [3, 1, 5], "b": [2, 2.1, 1.9], "c": [1, 1.1, 0.9]}, ("a", "b", "c")) == "same ordering, within the noise"
     assert common.ordered({"a": [1, 1, 1], "b": [2, 2, 2], "c": [3, 3, 3]}, ("a", "b", "c")) == "not reproduced"
+    assert common.ordered({"a": [3], "b": [2], "c": [1]}, ("a", "b", "c")) == "same ordering, within the noise"  # 1 seed
 
 
 @pytest.fixture(scope="module")

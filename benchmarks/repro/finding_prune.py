@@ -124,7 +124,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         f"rows and no 20% whole-network row); measured = low / random / top on dataset A ({describe(scale, 'A')}). "
         "low − top: accuracy kept by pruning the least rather than the most "
         "memorizing units (the paper: +9.54, +6.54, +13.46 points). Verdict: `reproduced` when the means order "
-        "low ≥ random ≥ top and the low and top intervals are apart.",
+        "low ≥ random ≥ top and the 95% interval of the paired low − top difference excluding 0.",
         "",
         "Why the ordering can differ (same seeds):",
         "",

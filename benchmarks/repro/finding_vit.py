@@ -55,7 +55,10 @@ def _seed(scale: Scale, seed: int, out: Path) -> dict[str, Any]:
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
     t0 = time.perf_counter()
-    per = [per_seed(out, "vit", scale, s, VERSION, lambda s=s: _seed(scale, s, out)) for s in seeds]
+    from memsurgery.recipe import recipe_digest
+
+    per = [per_seed(out, "vit", scale, s, f"{VERSION}-{recipe_digest(_config(scale, s, out))[:12]}",
+                    lambda s=s: _seed(scale, s, out)) for s in seeds]
 
     def col(key: str) -> list[float]:
         return [p[key] for p in per if key in p]

@@ -252,7 +252,7 @@ class FinetuneStageConfig:
     weight_decay: float = 0.0
     seed: int = 0
     views: ViewConfig | None = None  # augmentation of the labelled images (None: the plain images;
-    # the `weak` preset's flips hurt digit classification: measured in docs/surgery_results.md)
+    # the `weak` preset's flips hurt digit classification: measured in benchmarks/surgery_results_log.md)
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
