@@ -55,7 +55,7 @@ def test_every_finding_writes_its_table(smoke):
     for name in ("prune", "swap", "finetune", "atypical", "sl_vs_ssl", "vit"):
         md = (base / "out" / f"{name}.md").read_text()
         data = json.loads((base / "out" / f"{name}.json").read_text())
-        assert md.startswith("# ") and "| verdict |" in md.splitlines()[2] and data["rows"], name
+        assert md.startswith("# ") and "| verdict" in md.splitlines()[2] and data["rows"], name
         assert data["meta"]["seeds"] == [0] and data["meta"]["scale"] == "smoke"
         assert all(len(r) == len(data["header"]) for r in data["rows"])
         assert "wall time" in md

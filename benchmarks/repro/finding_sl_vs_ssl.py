@@ -27,6 +27,7 @@ from common import (
     describe,
     interval,
     load_group,
+    ordered,
     per_seed,
     probe_config,
     trained,
@@ -139,9 +140,10 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
     for layer in layers:
         ssl_gap = [p[f"ssl/unitmem/{layer}"] - p[f"ssl/classmem/{layer}"] for p in per]
         sl_gap = [p[f"sl/unitmem/{layer}"] - p[f"sl/classmem/{layer}"] for p in per]
+        verdict = ordered({"u": col(f"ssl/unitmem/{layer}"), "c": col(f"ssl/classmem/{layer}")}, ("u", "c"))
         rows.append([layer, f"{cell(col(f'ssl/unitmem/{layer}'), 1, 3)} / {cell(col(f'ssl/classmem/{layer}'), 1, 3)}",
                      cell(ssl_gap, 1, 3), f"{cell(col(f'sl/unitmem/{layer}'), 1, 3)} / {cell(col(f'sl/classmem/{layer}'), 1, 3)}",
-                     cell(sl_gap, 1, 3)])
+                     cell(sl_gap, 1, 3), verdict])
     ssl_above = all(interval([p[f"ssl/unitmem/{la}"] - p[f"ssl/classmem/{la}"] for p in per])[0] > 0 for la in layers)
     first, deep = layers[0], layers[-1]
     sl_rise = [p[f"sl/classmem/{deep}"] - p[f"sl/classmem/{first}"] for p in per]
@@ -162,4 +164,4 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
             "train_seconds": train_s}
     return write_table(out, "sl_vs_ssl", "UnitMem vs ClassMem, self-supervised vs supervised (NeurIPS Fig. 2 / 3)",
                        ["layer", "SSL: UnitMem / ClassMem", "SSL: UnitMem − ClassMem", "SL: UnitMem / ClassMem",
-                        "SL: UnitMem − ClassMem"], rows, notes, meta)
+                        "SL: UnitMem − ClassMem", "verdict (SSL: UnitMem > ClassMem)"], rows, notes, meta)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Scale, cell, interval, per_seed, write_table
+from common import Scale, cell, interval, ordered, per_seed, write_table
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"smoke": "mae_vit_digits.yaml", "cpu": "mae_vit_digits.yaml", "paper": "mae_vit_digits.yaml"}
@@ -75,7 +75,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
                      f"{cell(col(f'layermem/{att}'), 1, 4)} / {cell(col(f'layermem/{fc}'), 1, 4)}",
                      "—" if paper is None else f"{paper[2]:.3f} / {paper[3]:.3f}",
                      f"{cell(col(f'delta_layermem/{att}'), 1, 4)} / {cell(col(f'delta_layermem/{fc}'), 1, 4)}",
-                     cell(gap, 1, 4)])
+                     cell(gap, 1, 4), ordered({"fc": col(f"layermem/{fc}"), "att": col(f"layermem/{att}")}, ("fc", "att"))])
     p_cs, p_si = col("ttest_p/candidates>shared"), col("ttest_p/shared>independent")
     ordering = all(p < 0.05 for p in p_cs + p_si)
     notes = [
@@ -96,4 +96,4 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
             "seconds": max(time.perf_counter() - t0, runs), "train_seconds": runs}
     return write_table(out, "vit", "Where a ViT memorizes: attention vs fully-connected (NeurIPS Table 2)",
                        ["block", "paper LayerMem ATT / FC", "measured LayerMem ATT / FC", "paper ΔLayerMem ATT / FC",
-                        "measured ΔLayerMem ATT / FC", "FC − ATT"], rows, notes, meta)
+                        "measured ΔLayerMem ATT / FC", "FC − ATT", "verdict (FC > ATT)"], rows, notes, meta)
