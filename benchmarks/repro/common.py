@@ -126,7 +126,7 @@ def describe(scale: Scale, which: str) -> str:
     if scale.data == "digits":
         return f"the digits {min(labels)}-{max(labels)}"
     kind = "animal" if which == "A" else "vehicle"
-    return f"the {len(labels)} CIFAR-10 {kind} classes (JPEG copy)"
+    return f"the {len(labels)} CIFAR-10 {kind} classes, JPEG copy"
 
 
 def seeded_subset(n: int, k: int, seed: int) -> torch.Tensor:
@@ -306,6 +306,11 @@ def per_seed(out: Path, finding: str, scale: Scale, seed: int, version: int | st
     return dict(values)
 
 
+def finding_seconds(out: Path, finding: str, seeds: Sequence[int]) -> float:
+    """The compute time of a finding over the seeds, as each seed's cached result recorded it."""
+    return sum(float(json.loads((out / finding / f"seed{s}.json").read_text()).get("seconds", 0.0)) for s in seeds)
+
+
 # ---------------------------------------------------------------------------- statistics and tables
 def interval(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (nan with one value)."""
@@ -349,9 +354,11 @@ def write_table(out: Path, name: str, title: str, header: Sequence[str], rows: S
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", *notes, "",
-              f"Scale `{meta['scale']}` ({meta['data']}), seeds {meta['seeds']}, wall time {meta['seconds']:.0f} s "
-              f"({meta.get('train_seconds', 0):.0f} s of it training, cached after the first run). Values: mean ± "
-              "half-width of the 95% t-interval over the seeds (percent for accuracies)."]
+              f"Scale `{meta['scale']}` ({meta['data']}), seeds {meta['seeds']}. Wall time on 2 CPU cores (shared with "
+              f"the other findings' jobs when they ran in parallel): {meta['seconds']:.0f} s for this finding over the seeds"
+              + (f", after {meta['train_seconds']:.0f} s of training the encoders (shared by every finding, cached)"
+                 if meta.get("train_seconds") else "")
+              + ". Values: mean ± half-width of the 95% t-interval over the seeds (percent for accuracies)."]
     path = out / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     (out / f"{name}.json").write_text(json.dumps({"title": title, "header": list(header), "rows": [list(r) for r in rows],

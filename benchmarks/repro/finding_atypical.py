@@ -16,12 +16,21 @@ conv8 0.817 vs 0.073), and an image grid of the top and bottom candidates.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import Scale, cell, describe, load_group, per_seed, probe_scores, trained, write_table
+from common import (
+    Scale,
+    cell,
+    describe,
+    finding_seconds,
+    load_group,
+    per_seed,
+    probe_scores,
+    trained,
+    write_table,
+)
 
 PAPER_TOP50 = {"conv1": 0.144, "conv4": 0.402, "conv8": 0.817, "res6": 0.817}
 PAPER_LEAST50 = {"conv1": 0.003, "conv4": 0.031, "conv8": 0.073, "res6": 0.086}
@@ -104,7 +113,6 @@ def _grid(t: Any, rows: torch.Tensor, mem: torch.Tensor, path: Path, classes: tu
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    t0 = time.perf_counter()
     per = [per_seed(out, "atypical", scale, s, VERSION, lambda s=s: _seed(scale, s, cache, out)) for s in seeds]
     train_s = sum(trained(scale, s, cache).seconds for s in seeds)
 
@@ -135,7 +143,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         notes.append(f"| {layer} | {paper} | {cell(col(f'top/{layer}'), 1, 4)} | {cell(col(f'least/{layer}'), 1, 4)} |")
     notes += ["", "Image grids of the most and least memorized candidates, one per seed: `atypical_seed<seed>.png` "
               "beside this table."]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": time.perf_counter() - t0 + train_s,
+    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "atypical", seeds),
             "train_seconds": train_s}
     return write_table(out, "atypical", "The most memorized points are atypical (NeurIPS finding 3, ICLR Fig. 1)",
                        ["typicality measure", "paper", "Spearman rho (SSLMem', measure)", "p per seed", "verdict"],

@@ -10,7 +10,6 @@ last (6, 7, 8) 56.5. Expected: ranked > last > head only.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from common import (
     Scale,
     cell,
     describe,
+    finding_seconds,
     interval,
     load_group,
     ordered,
@@ -53,7 +53,6 @@ def _seed(scale: Scale, seed: int, cache: Path) -> dict[str, Any]:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    t0 = time.perf_counter()
     per = [per_seed(out, "finetune", scale, s, VERSION, lambda s=s: _seed(scale, s, cache)) for s in seeds]
     train_s = sum(trained(scale, s, cache).seconds for s in seeds)
 
@@ -79,7 +78,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "ranked − last difference's 95% interval excludes 0.",
         "Layers chosen: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in chosen.items()),
     ]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": time.perf_counter() - t0 + train_s,
+    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "finetune", seeds),
             "train_seconds": train_s}
     return write_table(out, "finetune", "Fine-tuning the most memorizing layers on a new dataset (NeurIPS Table 5)",
                        ["fine-tuned", "paper: ranked / last", "paper: head", "measured: ranked / last", "ranked − last",

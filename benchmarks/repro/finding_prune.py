@@ -23,6 +23,7 @@ from common import (
     Scale,
     cell,
     describe,
+    finding_seconds,
     interval,
     load_group,
     ordered,
@@ -97,9 +98,7 @@ def _seed(scale: Scale, seed: int, cache: Path) -> dict[str, Any]:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    import time
 
-    t0 = time.perf_counter()
     per = [per_seed(out, "prune", scale, s, VERSION, lambda s=s: _seed(scale, s, cache)) for s in seeds]
     train_s = sum(trained(scale, s, cache).seconds for s in seeds)
 
@@ -140,7 +139,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
                      f"{cell(col(f'n{n}/spearman_vs_all'), 1, 3)} |")
         notes.append(f"| UnitMem over {n} candidates: zero 20% per layer, low / top | "
                      f"{cell(col(f'n{n}/zero/layer/0.2/low'))} / {cell(col(f'n{n}/zero/layer/0.2/top'))} |")
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": time.perf_counter() - t0 + train_s,
+    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "prune", seeds),
             "train_seconds": train_s, "candidates": scale.candidates}
     return write_table(out, "prune", "Pruning by UnitMem (NeurIPS Table 6)",
                        ["pruning", "units", "paper (low / random / top)", "measured (low / random / top)", "low − top",

@@ -15,7 +15,6 @@ cluster under the diagonal (UnitMem > ClassMem). No numbers are given.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from common import (
     Scale,
     cell,
     describe,
+    finding_seconds,
     interval,
     load_group,
     ordered,
@@ -128,7 +128,6 @@ def _scatter(units: dict[str, dict[str, tuple[list[float], list[float]]]], path:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    t0 = time.perf_counter()
     per = [per_seed(out, "sl_vs_ssl", scale, s, VERSION, lambda s=s: _seed(scale, s, cache, out)) for s in seeds]
     train_s = sum(trained(scale, s, cache).seconds for s in seeds)
 
@@ -160,7 +159,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "",
         "Per-unit scatter (UnitMem x, ClassMem y, y = x in red), one per seed: `sl_vs_ssl_seed<seed>.png`.",
     ]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": time.perf_counter() - t0 + train_s,
+    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "sl_vs_ssl", seeds),
             "train_seconds": train_s}
     return write_table(out, "sl_vs_ssl", "UnitMem vs ClassMem, self-supervised vs supervised (NeurIPS Fig. 2 / 3)",
                        ["layer", "SSL: UnitMem / ClassMem", "SSL: UnitMem − ClassMem", "SL: UnitMem / ClassMem",

@@ -13,7 +13,6 @@ statistics, so the swap's gain on B is expected to be smaller.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from common import (
     Scale,
     cell,
     describe,
+    finding_seconds,
     load_group,
     ordered,
     per_seed,
@@ -62,7 +62,6 @@ def _seed(scale: Scale, seed: int, cache: Path) -> dict[str, Any]:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    t0 = time.perf_counter()
     per = [per_seed(out, "swap", scale, s, VERSION, lambda s=s: _seed(scale, s, cache)) for s in seeds]
     train_s = sum(trained(scale, s, cache).seconds for s in seeds)
 
@@ -97,7 +96,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "the 95% interval of the paired top − low difference excluding 0.",
         "Layers chosen (3, per seed): " + "; ".join(f"{k}: {', '.join('+'.join(x) for x in v)}" for k, v in layers.items()),
     ]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": time.perf_counter() - t0 + train_s,
+    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "swap", seeds),
             "train_seconds": train_s}
     return write_table(out, "swap", "Layer swapping with a donor from another dataset (NeurIPS Table 21)",
                        ["ranked by", "layers", "paper (A, B): top / random / low", "measured (A, B): top / random / low",

@@ -93,7 +93,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
     ]
     runs = sum(col("seconds"))  # each seed's run (cached after the first time)
     meta = {"scale": scale.name, "data": per[0]["data"], "seeds": seeds,
-            "seconds": max(time.perf_counter() - t0, runs), "train_seconds": runs}
+            "seconds": max(time.perf_counter() - t0, runs), "train_seconds": 0}
     return write_table(out, "vit", "Where a ViT memorizes: attention vs fully-connected (NeurIPS Table 2)",
                        ["block", "paper LayerMem ATT / FC", "measured LayerMem ATT / FC", "paper ΔLayerMem ATT / FC",
                         "measured ΔLayerMem ATT / FC", "FC − ATT", "verdict (FC > ATT)"], rows, notes, meta)
