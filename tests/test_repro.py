@@ -58,7 +58,7 @@ def test_every_finding_writes_its_table(smoke):
         assert md.startswith("# ") and "| verdict" in md.splitlines()[2] and data["rows"], name
         assert data["meta"]["seeds"] == [0] and data["meta"]["scale"] == "smoke"
         assert all(len(r) == len(data["header"]) for r in data["rows"])
-        assert "wall time" in md
+        assert "Wall time on 2 CPU cores" in md
     prune = json.loads((base / "out" / "prune.json").read_text())
     assert [r[0] for r in prune["rows"]] == ["no pruning", *(f"{m}, {s}" for m in ("zero", "structural")
                                                            for s in ("per layer", "per layer", "whole network", "whole network"))]
