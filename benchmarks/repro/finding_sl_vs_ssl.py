@@ -147,6 +147,8 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
     first, deep = layers[0], layers[-1]
     sl_rise = [p[f"sl/classmem/{deep}"] - p[f"sl/classmem/{first}"] for p in per]
     ssl_rise = [p[f"ssl/classmem/{deep}"] - p[f"ssl/classmem/{first}"] for p in per]
+    ratio = {m: {la: [p[f"{m}/classmem/{la}"] / p[f"{m}/unitmem/{la}"] for p in per] for la in (first, deep)}
+             for m in ("sl", "ssl")}
     notes = [
         f"Both models on dataset A = {describe(scale, 'A')}: f (SimCLR) and a supervised ResNet9 trained on f's "
         f"points, early-stopped at f's linear-probe accuracy (f {cell(col('ssl_acc'))}, supervised "
@@ -156,6 +158,9 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         f"- SSL: UnitMem above ClassMem in every layer: {'yes' if ssl_above else 'no'} (the paper: yes).",
         f"- ClassMem from {first} to {deep}: supervised {cell(sl_rise, 1, 3)}, SSL {cell(ssl_rise, 1, 3)} (the paper: it "
         "rises significantly in the deep layers of the supervised model only).",
+        f"- ClassMem relative to UnitMem (mean ClassMem / mean UnitMem), {first} → {deep}: supervised "
+        f"{cell(ratio['sl'][first], 1, 2)} → {cell(ratio['sl'][deep], 1, 2)}, SSL {cell(ratio['ssl'][first], 1, 2)} → "
+        f"{cell(ratio['ssl'][deep], 1, 2)} (in the scatter: the supervised model's deep units move towards the diagonal).",
         "",
         "Per-unit scatter (UnitMem x, ClassMem y, y = x in red), one per seed: `sl_vs_ssl_seed<seed>.png`.",
     ]
