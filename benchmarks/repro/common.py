@@ -22,7 +22,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,11 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def seed_folder(scale: Scale, seed: int, cache: Path) -> Path:
+    """Where one seed's encoders are cached."""
+    return cache / f"{scale.name}-{scale.digest()}" / f"seed{seed}"
+
+
 def trained(scale: Scale, seed: int, cache: Path, progress: bool = False) -> Trained:
     """The seed's twins and donor: loaded when the cache holds a complete, matching copy (its
     manifest's digests checked), else trained and cached."""
@@ -181,7 +186,7 @@ def trained(scale: Scale, seed: int, cache: Path, progress: bool = False) -> Tra
     total = scale.shared + scale.candidates + scale.independent + scale.extra
     pool_idx = seeded_subset(len(a.train_x), total, 1000 + seed)
     pool, pool_labels = a.train_x[pool_idx], a.train_y[pool_idx]
-    folder = cache / f"{scale.name}-{scale.digest()}" / f"seed{seed}"
+    folder = seed_folder(scale, seed, cache)
     manifest = folder / "manifest.json"
     names = ("f", "g", "d")
     if manifest.is_file():
@@ -289,26 +294,54 @@ def unit_activity(model: torch.nn.Module, images: torch.Tensor, scale: Scale) ->
     return {k: v / len(images) for k, v in sums.items()}
 
 
-def per_seed(out: Path, finding: str, scale: Scale, seed: int, version: int | str, compute: Any) -> dict[str, Any]:
-    """``compute()`` for one seed, cached in ``<out>/<finding>/seed<seed>.json`` under the scale's
-    settings and the finding's version (a finding's table is assembled from every seed's file;
-    a finding whose inputs are a recipe puts the recipe's digest in its version)."""
+def _per_seed(out: Path, finding: str, scale: Scale, seed: int, version: int | str,
+              compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
+    """``compute()`` for one seed and its compute time, cached in ``<out>/<finding>/seed<seed>.json``
+    under the scale's settings and the finding's version."""
     key = {"scale": dataclasses.asdict(scale), "version": version}
     path = out / finding / f"seed{seed}.json"
     if path.is_file():
         data = json.loads(path.read_text())
         if data.get("key") == json.loads(json.dumps(key)):
-            return dict(data["values"])
+            return dict(data["values"]), float(data.get("seconds", 0.0))
     t0 = time.perf_counter()
     values = compute()
+    seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "values": values, "seconds": time.perf_counter() - t0}, indent=1))
-    return dict(values)
+    path.write_text(json.dumps({"key": key, "values": values, "seconds": seconds}, indent=1))
+    return dict(values), seconds
 
 
-def finding_seconds(out: Path, finding: str, seeds: Sequence[int]) -> float:
-    """The compute time of a finding over the seeds, as each seed's cached result recorded it."""
-    return sum(float(json.loads((out / finding / f"seed{s}.json").read_text()).get("seconds", 0.0)) for s in seeds)
+@dataclass(frozen=True)
+class Seeds:
+    """One finding's results over the seeds: each seed's values, the finding's compute time over
+    them and the training time of the encoders they used (0 when a finding trains its own)."""
+
+    seeds: list[int]
+    per: list[dict[str, Any]]
+    seconds: float
+    train_seconds: float
+
+    def col(self, key: str) -> list[Any]:
+        return [p[key] for p in self.per]
+
+    def meta(self, scale: Scale, data: str | None = None, **extra: Any) -> dict[str, Any]:
+        """What :func:`write_table` records of the run that made the table."""
+        return {"scale": scale.name, "data": data or scale.data, "seeds": self.seeds, "seconds": self.seconds,
+                "train_seconds": self.train_seconds, **extra}
+
+
+def gather(finding: str, scale: Scale, seeds: Sequence[int], out: Path, version: int | Callable[[int], str],
+           compute: Callable[[int], dict[str, Any]], cache: Path | None = None) -> Seeds:
+    """``compute(seed)`` for every seed, each cached in ``<out>/<finding>/seed<seed>.json`` (a
+    finding's table is assembled from every seed's file; a finding whose inputs are a recipe gives
+    ``version`` as a function of the seed that puts the recipe's digest in it). ``cache``: where the
+    seeds' encoders are, for their training time (read from their manifests)."""
+    results = [_per_seed(out, finding, scale, s, version(s) if callable(version) else version, lambda s=s: compute(s))
+               for s in seeds]
+    train = sum(float(json.loads((seed_folder(scale, s, cache) / "manifest.json").read_text())["seconds"])
+                for s in seeds) if cache is not None else 0.0
+    return Seeds(list(seeds), [v for v, _ in results], sum(t for _, t in results), train)
 
 
 # ---------------------------------------------------------------------------- statistics and tables

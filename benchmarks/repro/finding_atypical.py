@@ -24,9 +24,8 @@ from common import (
     Scale,
     cell,
     describe,
-    finding_seconds,
+    gather,
     load_group,
-    per_seed,
     probe_scores,
     trained,
     write_table,
@@ -113,11 +112,8 @@ def _grid(t: Any, rows: torch.Tensor, mem: torch.Tensor, path: Path, classes: tu
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    per = [per_seed(out, "atypical", scale, s, VERSION, lambda s=s: _seed(scale, s, cache, out)) for s in seeds]
-    train_s = sum(trained(scale, s, cache).seconds for s in seeds)
-
-    def col(key: str) -> list[float]:
-        return [p[key] for p in per]
+    res = gather("atypical", scale, seeds, out, VERSION, lambda s: _seed(scale, s, cache, out), cache)
+    per, col = res.per, res.col
 
     rows = []
     labels = {"knn_g": f"mean cosine distance to its {K_NN} nearest pool neighbours, in g's output",
@@ -143,8 +139,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         notes.append(f"| {layer} | {paper} | {cell(col(f'top/{layer}'), 1, 4)} | {cell(col(f'least/{layer}'), 1, 4)} |")
     notes += ["", "Image grids of the most and least memorized candidates, one per seed: `atypical_seed<seed>.png` "
               "beside this table."]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "atypical", seeds),
-            "train_seconds": train_s}
+    meta = res.meta(scale)
     return write_table(out, "atypical", "The most memorized points are atypical (NeurIPS finding 3, ICLR Fig. 1)",
                        ["typicality measure", "paper", "Spearman rho (SSLMem', measure)", "p per seed", "verdict"],
                        rows, notes, meta)

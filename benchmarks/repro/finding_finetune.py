@@ -18,11 +18,10 @@ from common import (
     Scale,
     cell,
     describe,
-    finding_seconds,
+    gather,
     interval,
     load_group,
     ordered,
-    per_seed,
     probe_scores,
     trained,
     write_table,
@@ -53,11 +52,8 @@ def _seed(scale: Scale, seed: int, cache: Path) -> dict[str, Any]:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    per = [per_seed(out, "finetune", scale, s, VERSION, lambda s=s: _seed(scale, s, cache)) for s in seeds]
-    train_s = sum(trained(scale, s, cache).seconds for s in seeds)
-
-    def col(key: str) -> list[float]:
-        return [p[key] for p in per]
+    res = gather("finetune", scale, seeds, out, VERSION, lambda s: _seed(scale, s, cache), cache)
+    per, col = res.per, res.col
 
     rows = [["head only", "", f"{PAPER_HEAD:.1f}", cell(col("head_only")), "", ""]]
     for k in (1, 3):
@@ -78,8 +74,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "ranked − last difference's 95% interval excludes 0.",
         "Layers chosen: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in chosen.items()),
     ]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "finetune", seeds),
-            "train_seconds": train_s}
+    meta = res.meta(scale)
     return write_table(out, "finetune", "Fine-tuning the most memorizing layers on a new dataset (NeurIPS Table 5)",
                        ["fine-tuned", "paper: ranked / last", "paper: head", "measured: ranked / last", "ranked − last",
                         "verdict"], rows, notes, meta)

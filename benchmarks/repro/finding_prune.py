@@ -23,11 +23,10 @@ from common import (
     Scale,
     cell,
     describe,
-    finding_seconds,
+    gather,
     interval,
     load_group,
     ordered,
-    per_seed,
     probe_scores,
     trained,
     unit_activity,
@@ -99,11 +98,8 @@ def _seed(scale: Scale, seed: int, cache: Path) -> dict[str, Any]:
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
 
-    per = [per_seed(out, "prune", scale, s, VERSION, lambda s=s: _seed(scale, s, cache)) for s in seeds]
-    train_s = sum(trained(scale, s, cache).seconds for s in seeds)
-
-    def col(key: str) -> list[float]:
-        return [p[key] for p in per]
+    res = gather("prune", scale, seeds, out, VERSION, lambda s: _seed(scale, s, cache), cache)
+    col = res.col
 
     rows = [["no pruning", "", "70.44", cell(col("dense")), "", ""]]
     for mode in ("zero", "structural"):
@@ -139,8 +135,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
                      f"{cell(col(f'n{n}/spearman_vs_all'), 1, 3)} |")
         notes.append(f"| UnitMem over {n} candidates: zero 20% per layer, low / top | "
                      f"{cell(col(f'n{n}/zero/layer/0.2/low'))} / {cell(col(f'n{n}/zero/layer/0.2/top'))} |")
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "prune", seeds),
-            "train_seconds": train_s, "candidates": scale.candidates}
+    meta = res.meta(scale, candidates=scale.candidates)
     return write_table(out, "prune", "Pruning by UnitMem (NeurIPS Table 6)",
                        ["pruning", "units", "paper (low / random / top)", "measured (low / random / top)", "low − top",
                         "verdict"], rows, notes, meta)

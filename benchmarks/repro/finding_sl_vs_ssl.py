@@ -24,11 +24,10 @@ from common import (
     Scale,
     cell,
     describe,
-    finding_seconds,
+    gather,
     interval,
     load_group,
     ordered,
-    per_seed,
     probe_config,
     trained,
     write_table,
@@ -128,11 +127,8 @@ def _scatter(units: dict[str, dict[str, tuple[list[float], list[float]]]], path:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    per = [per_seed(out, "sl_vs_ssl", scale, s, VERSION, lambda s=s: _seed(scale, s, cache, out)) for s in seeds]
-    train_s = sum(trained(scale, s, cache).seconds for s in seeds)
-
-    def col(key: str) -> list[float]:
-        return [p[key] for p in per]
+    res = gather("sl_vs_ssl", scale, seeds, out, VERSION, lambda s: _seed(scale, s, cache, out), cache)
+    per, col = res.per, res.col
 
     layers = [k.split("/", 2)[2] for k in per[0] if k.startswith("ssl/unitmem/")]
     rows = []
@@ -164,8 +160,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "",
         "Per-unit scatter (UnitMem x, ClassMem y, y = x in red), one per seed: `sl_vs_ssl_seed<seed>.png`.",
     ]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "sl_vs_ssl", seeds),
-            "train_seconds": train_s}
+    meta = res.meta(scale)
     return write_table(out, "sl_vs_ssl", "UnitMem vs ClassMem, self-supervised vs supervised (NeurIPS Fig. 2 / 3)",
                        ["layer", "SSL: UnitMem / ClassMem", "SSL: UnitMem − ClassMem", "SL: UnitMem / ClassMem",
                         "SL: UnitMem − ClassMem", "verdict (SSL: UnitMem > ClassMem)"], rows, notes, meta)

@@ -21,10 +21,9 @@ from common import (
     Scale,
     cell,
     describe,
-    finding_seconds,
+    gather,
     load_group,
     ordered,
-    per_seed,
     probe_scores,
     trained,
     write_table,
@@ -62,11 +61,8 @@ def _seed(scale: Scale, seed: int, cache: Path) -> dict[str, Any]:
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    per = [per_seed(out, "swap", scale, s, VERSION, lambda s=s: _seed(scale, s, cache)) for s in seeds]
-    train_s = sum(trained(scale, s, cache).seconds for s in seeds)
-
-    def col(key: str) -> list[float]:
-        return [p[key] for p in per]
+    res = gather("swap", scale, seeds, out, VERSION, lambda s: _seed(scale, s, cache), cache)
+    per, col = res.per, res.col
 
     drop = {k: [p["f/A"] - p[f"{k}/A"] for p in per] for k in [key[: -len("/A")] for key in per[0] if key.endswith("/A")
                                                                and key.count("/") == 3]}
@@ -96,8 +92,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "the 95% interval of the paired top − low difference excluding 0.",
         "Layers chosen (3, per seed): " + "; ".join(f"{k}: {', '.join('+'.join(x) for x in v)}" for k, v in layers.items()),
     ]
-    meta = {"scale": scale.name, "data": scale.data, "seeds": seeds, "seconds": finding_seconds(out, "swap", seeds),
-            "train_seconds": train_s}
+    meta = res.meta(scale)
     return write_table(out, "swap", "Layer swapping with a donor from another dataset (NeurIPS Table 21)",
                        ["ranked by", "layers", "paper (A, B): top / random / low", "measured (A, B): top / random / low",
                         "drop on A: top / random / low", "gain on B: top / random / low", "verdict"], rows, notes, meta)

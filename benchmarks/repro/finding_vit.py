@@ -13,11 +13,10 @@ Expected: FC > ATT in every block, growing with depth.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
-from common import Scale, cell, interval, ordered, per_seed, write_table
+from common import Scale, cell, gather, interval, ordered, write_table
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"smoke": "mae_vit_digits.yaml", "cpu": "mae_vit_digits.yaml", "paper": "mae_vit_digits.yaml"}
@@ -48,17 +47,17 @@ def _seed(scale: Scale, seed: int, out: Path) -> dict[str, Any]:
     summary = run_recipe(cfg, progress=False)
     final = summary["final"]
     v: dict[str, Any] = {k: final[k] for k in final if k.startswith(("layermem/", "delta_layermem/", "ttest_p/", "sslmem/"))}
-    v["seconds"], v["recipe"] = summary["seconds"], RECIPES[scale.name]
+    v["recipe"] = RECIPES[scale.name]
     v["epochs"], v["model"], v["data"] = cfg.train.epochs, dict(cfg.model.kwargs), cfg.data.name
     return v
 
 
 def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
-    t0 = time.perf_counter()
     from memsurgery.recipe import recipe_digest
 
-    per = [per_seed(out, "vit", scale, s, f"{VERSION}-{recipe_digest(_config(scale, s, out))[:12]}",
-                    lambda s=s: _seed(scale, s, out)) for s in seeds]
+    res = gather("vit", scale, seeds, out, lambda s: f"{VERSION}-{recipe_digest(_config(scale, s, out))[:12]}",
+                 lambda s: _seed(scale, s, out))
+    per = res.per
 
     def col(key: str) -> list[float]:
         return [p[key] for p in per if key in p]
@@ -91,9 +90,7 @@ def run(scale: Scale, seeds: list[int], cache: Path, out: Path) -> Path:
         "LayerMem values above are twin-to-twin noise, not memorization.",
         f"- Final-layer SSLMem' mean of the candidates: {cell(col('sslmem/candidates'), 1, 4)}.",
     ]
-    runs = sum(col("seconds"))  # each seed's run (cached after the first time)
-    meta = {"scale": scale.name, "data": per[0]["data"], "seeds": seeds,
-            "seconds": max(time.perf_counter() - t0, runs), "train_seconds": 0}
+    meta = res.meta(scale, data=per[0]["data"])  # each seed's run trains its own twins
     return write_table(out, "vit", "Where a ViT memorizes: attention vs fully-connected (NeurIPS Table 2)",
                        ["block", "paper LayerMem ATT / FC", "measured LayerMem ATT / FC", "paper ΔLayerMem ATT / FC",
                         "measured ΔLayerMem ATT / FC", "FC − ATT", "verdict (FC > ATT)"], rows, notes, meta)
