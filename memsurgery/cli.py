@@ -192,9 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "report" in summary.get("stages", {}):
             print((Path(cfg.output) / "report.md").read_text())
         return 0
-    options = {flag.lstrip("-").replace("-", "_"): None for flag, _ in STAGES[args.command].options}
+    dests = [flag.lstrip("-").replace("-", "_") for flag, _ in STAGES[args.command].options]
     try:
-        report = run_stage(args.command, cfg, progress=progress, **{k: getattr(args, k) for k in options})
+        report = run_stage(args.command, cfg, progress=progress, **{k: getattr(args, k) for k in dests})
     except USER_ERRORS as e:
         print(f"memsurgery {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -31,10 +31,10 @@ from .schema import (
     load_yaml,
 )
 from .setup import Evaluator, build_twins, load_data, recipe_digest
-from .stages import STAGES, Stage, run_stage, stage_names
+from .stages import STAGES, Stage, run_stage
 from .summary import format_summary
 
 __all__ = ["STAGES", "ConfigError", "DataConfig", "EvalConfig", "Evaluator", "FinetuneStageConfig", "ModelConfig",
            "MonitorConfig", "PruneConfig", "RunConfig", "RunFolder", "SplitConfig", "Stage", "SurgeryConfig",
            "SwapConfig", "build_twins", "check_recipe", "format_summary", "from_dict", "load_data", "load_recipe",
-           "load_yaml", "recipe_digest", "run_recipe", "run_stage", "stage_names"]
+           "load_yaml", "recipe_digest", "run_recipe", "run_stage"]

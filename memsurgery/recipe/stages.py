@@ -85,10 +85,6 @@ def _register(help: str, **kwargs: Any) -> Callable[[StageFn], StageFn]:
     return add
 
 
-def stage_names() -> tuple[str, ...]:
-    return tuple(STAGES)
-
-
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
         close = difflib.get_close_matches(name, STAGES, n=1)
@@ -127,11 +123,13 @@ def _data(cfg: RunConfig, progress: bool, data: Data | None) -> Data:
     return data if data is not None else load_data(cfg.data, progress)
 
 
-def _trained(run: RunFolder, cfg: RunConfig, name: str, meta: dict[str, Any]) -> None:
-    """f / g must come from this recipe and this folder's split."""
+def _trained(run: RunFolder, cfg: RunConfig, name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """f / g and its metadata, refused unless it comes from this recipe and this folder's split."""
+    model, meta = run.load(name)
     recorded = (meta.get("extra") or {}).get("provenance")
     run.require(f"{name}.safetensors", recorded, {"recipe": recipe_digest(cfg), "split": run.digest("split")},
                 "memsurgery run <recipe>")
+    return model, meta
 
 
 def _scores(run: RunFolder, cfg: RunConfig, *models: str) -> ScoreSet:
@@ -169,12 +167,8 @@ def stage_score(cfg: RunConfig, progress: bool = True, data: Data | None = None)
     from ..probe import run_probe
 
     run = RunFolder(cfg.output)
-    f, fmeta = run.load("f")
-    _trained(run, cfg, "f", fmeta)
-    g = None
-    if run.model_path("g").exists():
-        g, gmeta = run.load("g")
-        _trained(run, cfg, "g", gmeta)
+    f, _ = _trained(run, cfg, "f")
+    g = _trained(run, cfg, "g")[0] if run.model_path("g").exists() else None
     images, labels = _data(cfg, progress, data)
     split = TwinSplit.load_json(run.split_path)
     probe_cfg = dataclasses.replace(cfg.probe, progress=progress)
@@ -213,8 +207,7 @@ def stage_prune(cfg: RunConfig, progress: bool = True, data: Data | None = None)
 
     pc: PruneConfig = section(cfg, "prune")
     run = RunFolder(cfg.output)
-    f, meta = run.load("f")
-    _trained(run, cfg, "f", meta)
+    f, meta = _trained(run, cfg, "f")
     scores = _scores(run, cfg, "f")
     example = torch.zeros((1, *meta["input_shape"][1:]))
     plan = _plan_prune(f, pc, scores, example)
@@ -274,11 +267,9 @@ def stage_swap(cfg: RunConfig, progress: bool = True, data: Data | None = None) 
 
     sc: SwapConfig = section(cfg, "swap")
     run = RunFolder(cfg.output)
-    f, meta = run.load("f")
-    _trained(run, cfg, "f", meta)
+    f, meta = _trained(run, cfg, "f")
     if sc.donor == "g":
-        donor, gmeta = run.load("g")
-        _trained(run, cfg, "g", gmeta)
+        donor, _ = _trained(run, cfg, "g")
     else:
         donor = load_model(_donor_path(sc))[0]
     scores = _scores(run, cfg, "f", *(("g",) if sc.donor == "g" else ()))
@@ -296,11 +287,12 @@ def stage_swap(cfg: RunConfig, progress: bool = True, data: Data | None = None) 
               "accuracy_before": before, "accuracy_after": after, "model": saved,
               "provenance": {**inputs, "swapped": run.digest("swapped")}}
     if sc.rescore:
-        report["layermem"] = _rescore(cfg, run, f, model, plan, images, progress)
+        g = donor if sc.donor == "g" else run.load("g")[0]
+        report["layermem"] = _rescore(cfg, run, f, g, model, plan, images, progress)
     return report
 
 
-def _rescore(cfg: RunConfig, run: RunFolder, f: nn.Module, swapped: nn.Module, plan: Any,
+def _rescore(cfg: RunConfig, run: RunFolder, f: nn.Module, g: nn.Module, swapped: nn.Module, plan: Any,
              images: torch.Tensor, progress: bool) -> dict[str, dict[str, float]]:
     """LayerMem of the candidates before the swap, for f' = f with the donor's layers against g,
     and for f against g' = g with f's layers (METRICS.md §7: the swap moves the memorization)."""
@@ -308,7 +300,6 @@ def _rescore(cfg: RunConfig, run: RunFolder, f: nn.Module, swapped: nn.Module, p
     from ..probe import run_probe
     from ..surgery.swap import swap_layers_
 
-    g, _ = run.load("g")
     g_swapped = copy.deepcopy(g)
     swap_layers_(g_swapped, f, plan)
     split = TwinSplit.load_json(run.split_path)
@@ -355,10 +346,10 @@ def stage_finetune(cfg: RunConfig, progress: bool = True, data: Data | None = No
 
     fc: FinetuneStageConfig = section(cfg, "finetune")
     run = RunFolder(cfg.output)
-    model, meta = run.load(fc.source)
     if fc.source == "f":
-        _trained(run, cfg, "f", meta)
+        model, meta = _trained(run, cfg, "f")
     else:  # the pruned / swapped model must be the one its stage's report describes, made from this f
+        model, meta = run.load(fc.source)
         stage = _SOURCE_STAGE[fc.source]
         path = run.report_path(stage)
         recorded = json.loads(path.read_text()).get("provenance") if path.is_file() else None
