@@ -45,6 +45,9 @@ _LAZY = {
     "export": "memsurgery.export",
     "save_model": "memsurgery.export",
     "load_model": "memsurgery.export",
+    "regularize": "memsurgery.regularize",
+    "AlignmentRegularizer": "memsurgery.regularize",
+    "alignment_penalty": "memsurgery.regularize",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -261,7 +261,7 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int,
-                 num_layers: int = 3, norm_last_layer: bool = True) -> None:  # fmt: skip
+                 num_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False) -> None:  # fmt: skip
         super().__init__()
         _check(num_layers >= 1, f"num_layers must be >= 1, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
@@ -270,8 +270,10 @@ class DINOHead(nn.Module):
             linear = nn.Linear(dims[k], dims[k + 1])
             nn.init.trunc_normal_(linear.weight, std=0.02)
             nn.init.zeros_(linear.bias)
-            layers += [linear, nn.GELU()]
-        self.mlp = nn.Sequential(*layers[:-1])  # no GELU after the bottleneck
+            layers.append(linear)
+            if k < num_layers - 1:  # no norm / GELU after the bottleneck
+                layers += [nn.BatchNorm1d(dims[k + 1]), nn.GELU()] if use_bn else [nn.GELU()]
+        self.mlp = nn.Sequential(*layers)
         self.last_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         nn.init.trunc_normal_(self.last_v, std=0.02)
         self.last_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
@@ -297,6 +299,7 @@ class DINOOptions:
     base_momentum: float = 0.996  # EMA momentum, cosine schedule from here to 1.0
     num_local_crops: int = 0  # multi-crop: extra student-only views after the 2 global ones
     norm_last_layer: bool = True
+    use_bn_in_head: bool = False  # BatchNorm1d after each hidden layer of the head (DINO's --use_bn_in_head)
     feature_dim: int | None = None  # None: encoder.num_features
 
     def __post_init__(self) -> None:
@@ -342,7 +345,7 @@ class DINOObjective(SSLObjective):
             )
         dim = _feature_dim(encoder, o.feature_dim)
         self.head = DINOHead(dim, o.out_dim, o.hidden_dim, o.bottleneck_dim,
-                             norm_last_layer=o.norm_last_layer)  # fmt: skip
+                             norm_last_layer=o.norm_last_layer, use_bn=o.use_bn_in_head)  # fmt: skip
         self.teacher_encoder = copy.deepcopy(encoder)
         self.teacher_head = copy.deepcopy(self.head)
         for p in (*self.teacher_encoder.parameters(), *self.teacher_head.parameters()):

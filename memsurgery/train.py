@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = None  # the newest N complete checkpoints are kept (None: all)
     objective: dict[str, Any] = field(default_factory=dict)
+    align_reg: dict[str, Any] | None = None  # {lambda: float, distance: l2|l1|cosine|angular}: ICLR 2024 Eq. 3
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -59,6 +60,9 @@ class TrainConfig:
             raise ValueError("keep_checkpoints must be >= 1 or None (keep all)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        from .regularize import parse_align_reg
+
+        parse_align_reg(self.align_reg, self.method)  # raises on a bad option, before any work
 
 
 class _Progress:
@@ -252,6 +256,7 @@ def _train(
     from tqdm.auto import tqdm
 
     from .objectives import build_objective
+    from .regularize import parse_align_reg
 
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
@@ -273,6 +278,8 @@ def _train(
     device = acc.device
     normalize = normalizer(config.mean, config.std, device)
     inners = [acc.unwrap_model(obj) for obj, _ in prepared]
+    regs = [parse_align_reg(config.align_reg, config.method) for _ in runs]
+    taps = [_EncoderTap(inner.encoder) if reg is not None else None for inner, reg in zip(inners, regs, strict=True)]
     n_views = int(getattr(inners[0], "num_views", 2))
     steps_per_epoch = n_points // config.batch_size
     total = config.epochs * steps_per_epoch
@@ -296,7 +303,13 @@ def _train(
                     views = [make_views(x, batch, epoch * n_views + j, config.views) for j in range(n_views)]
                 views = [normalize(v) for v in views]
                 with acc.autocast():
-                    loss = objective(views, step=step)
+                    tap, reg = taps[r], regs[r]
+                    if tap is None or reg is None:
+                        loss = objective(views, step=step)
+                    else:
+                        with tap:
+                            loss = objective(views, step=step)
+                        loss = loss + reg(*tap.outputs[:2])
                 opt.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 if config.lr_schedule != "constant":
@@ -318,6 +331,26 @@ def _train(
     for encoder, _ in runs:
         encoder.eval()
     return [list(st.losses) for st in states]
+
+
+class _EncoderTap:
+    """Records the encoder's outputs (the representations before any head) while active, for the
+    alignment regularizer; the hook exists only inside ``with``, and is removed in ``finally``."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        self.outputs: list[torch.Tensor] = []
+
+    def __enter__(self) -> _EncoderTap:
+        self.outputs = []
+        self._handle = self.encoder.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._handle.remove()
+        if exc_type is None and len(self.outputs) < 2:
+            raise RuntimeError(f"align_reg needs the encoder's representations of two views, but the objective "
+                               f"called the encoder {len(self.outputs)} time(s) in one step")
 
 
 def _resume(acc: Any, folder: Path, prints: dict[str, Any], states: list[_Progress], monitor: Any, force: bool) -> None:

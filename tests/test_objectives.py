@@ -311,6 +311,21 @@ def test_dino_schedules_and_hooks():
         handle.remove()
 
 
+def test_dino_head_batch_norm_option():
+    """use_bn_in_head puts a BatchNorm1d after each hidden layer of student and teacher heads (DINO's
+    --use_bn_in_head); the head's output is then centred over the batch before the bottleneck."""
+    from torch import nn
+
+    plain, bn = _objective("dino"), _objective("dino", use_bn_in_head=True)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.head.modules())
+    for head in (bn.head, bn.teacher_head):
+        kinds = [type(m).__name__ for m in head.mlp]
+        assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"], kinds
+    x = torch.randn(6, bn.head.mlp[0].in_features) * 0.1 + 5.0  # mostly input-independent, like a ViT at init
+    hidden = bn.head.mlp[:2](x)  # training mode: batch statistics
+    assert hidden.mean(0).abs().max() < 1e-4 and hidden.std(0).mean() > 0.5  # only the input-dependent part is left
+
+
 def test_dino_multicrop_local_views_reach_only_the_student():
     obj = _objective("dino", num_local_crops=2)
     seen: list[int] = []
