@@ -181,6 +181,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         cfg = dataclasses.replace(cfg, output=args.output)
     progress = not args.no_progress
+    if args.command == "run" and cfg.sweep is not None:
+        from .recipe.sweep import run_sweep, sweep_variants
+
+        try:
+            sweep_variants(cfg)  # every cell checked before any work
+            doc = run_sweep(cfg, progress=progress)
+        except USER_ERRORS as e:
+            print(f"memsurgery run: error: {e}", file=sys.stderr)
+            return 2
+        print((Path(cfg.output) / "sweep.md").read_text())
+        print(f"sweep written to {cfg.output}/sweep.md and sweep.json ({len(doc['rows'])} values)")
+        return 0
+    if args.command != "run" and cfg.sweep is not None:
+        print(f"memsurgery {args.command}: error: {args.recipe} is a sweep recipe; run it with `memsurgery run`, "
+              "then run stages on one of its cells (<output>/<param>=<value>/seed<seed>)", file=sys.stderr)
+        return 2
     if args.command == "run":
         try:
             summary = run_recipe(cfg, progress=progress, resume=args.resume, force=args.force)

@@ -65,6 +65,9 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, forc
     ``save_state`` plus ``memsurgery_state.json``, the monitor included); ``resume=True`` continues
     from the newest complete one, and refuses one made under another recipe unless ``force``."""
     check_recipe(cfg)
+    if cfg.sweep is not None:
+        raise ConfigError("this recipe has a 'sweep' section: run it with memsurgery.recipe.sweep.run_sweep "
+                          "(or `memsurgery run`), which runs one recipe per value and seed")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -274,6 +275,34 @@ class SurgeryConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """``sweep:``: run the recipe once per value of ``param`` (a dotted setting such as
+    ``train.align_reg.lambda``, or a list of settings that take the same value together, e.g.
+    ``[split.candidates, split.independent]``) and per seed (``split.seed`` = ``train.seed``), and
+    write one table (:mod:`memsurgery.recipe.sweep`)."""
+
+    param: str | tuple[str, ...]
+    values: tuple[Any, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        if not self.params or not all(isinstance(p, str) and p for p in self.params):
+            raise ValueError(f"param must name one dotted setting or a list of them, got {self.param!r}")
+        if not self.values:
+            raise ValueError("values must list at least one value")
+        if len({json.dumps(v, sort_keys=True) for v in self.values}) != len(self.values):
+            raise ValueError(f"values repeat: {list(self.values)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must list distinct seeds, got {list(self.seeds)}")
+        if any(p.split(".")[0] in ("sweep", "output") or p in ("split.seed", "train.seed") for p in self.params):
+            raise ValueError(f"{self.param!r} cannot be swept (seeds come from 'seeds', outputs from 'output')")
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param,) if isinstance(self.param, str) else tuple(self.param)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -284,3 +313,4 @@ class RunConfig:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     output: str = "runs/quickstart"
     threads: int | None = None
+    sweep: SweepConfig | None = None

@@ -1,0 +1,186 @@
+"""``sweep:`` recipes: one setting at several values, each over several seeds, in one table.
+
+A recipe with a top-level ``sweep`` section (usually built with ``extends:`` on a training recipe)
+runs one ``memsurgery run`` per (value, seed): the dotted ``param`` (or several, set together)
+takes the value, ``split.seed`` and ``train.seed`` take the seed, and the run goes to
+``<output>/<param>=<value>/seed<seed>``. Each run's own files (models, scores, summary) stay
+there; a cell whose ``summary.json`` was written by the same variant is reused, so a sweep that
+was stopped continues where it was. Then ``sweep.md`` / ``sweep.json`` gather, per value, the mean
+and the 95% t-interval over the seeds of: f's linear-probe accuracy, the final-layer SSLMem' of
+each split, LayerMem per layer and the mean UnitMem per layer.
+
+Every variant is built and checked (schema, stages) before the first one trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_text
+from .folder import RunFolder
+from .schema import ConfigError, RunConfig, SweepConfig, from_dict
+from .setup import Evaluator, load_data, recipe_digest
+
+__all__ = ["run_sweep", "sweep_variants"]
+
+_NO_STAGES: dict[str, Any] = {"stages": []}
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for i, key in enumerate(parents):
+        child = node.get(key)
+        if child is None and i == len(parents) - 1 and key in node:  # an unset optional mapping (align_reg)
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"sweep.param {path!r}: {'.'.join(parents[: i + 1])!r} is not a section of the recipe")
+        node = child
+    if leaf not in node and not (parents and parents[-1] in ("align_reg", "objective", "kwargs")):
+        raise ConfigError(f"sweep.param {path!r}: the recipe has no setting {leaf!r} there "
+                          f"(settings: {', '.join(sorted(node))})")
+    node[leaf] = value
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def sweep_variants(cfg: RunConfig) -> list[tuple[Any, int, RunConfig]]:
+    """``(value, seed, config)`` for every cell of ``cfg.sweep``, each a checked :class:`RunConfig`
+    without a sweep and without surgery stages. Raises :class:`ConfigError` on any bad cell."""
+    from .run import check_recipe
+
+    sw = cfg.sweep
+    if sw is None:
+        raise ConfigError("the recipe has no 'sweep' section")
+    base = dataclasses.asdict(dataclasses.replace(cfg, sweep=None))
+    base["surgery"].update(_NO_STAGES)
+    label = "+".join(sw.params)
+    out = []
+    for value in sw.values:
+        for seed in sw.seeds:
+            tree = copy.deepcopy(base)
+            for p in sw.params:
+                _set(tree, p, copy.deepcopy(value))
+            tree["split"]["seed"] = tree["train"]["seed"] = seed
+            tree["output"] = str(Path(cfg.output) / f"{_slug(label)}={_slug(value)}" / f"seed{seed}")
+            try:
+                variant = from_dict(RunConfig, tree)
+            except ConfigError as e:
+                raise ConfigError(f"sweep {label} = {value!r} (seed {seed}): {e}") from e
+            check_recipe(variant)
+            out.append((value, seed, variant))
+    return out
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of the 95% t-interval (NaN with one value)."""
+    from scipy import stats
+
+    vals = [v for v in values if v == v]
+    if not vals:
+        return math.nan, math.nan
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return mean, float(stats.t.ppf(0.975, len(vals) - 1)) * sd / math.sqrt(len(vals))
+
+
+def _cell(cfg: RunConfig, progress: bool, data: Any) -> dict[str, Any]:
+    from .run import run_recipe
+
+    run = RunFolder(cfg.output)
+    done = run.root / "summary.json"
+    digest = recipe_digest(cfg)
+    if done.exists() and (run.root / "sweep_cell.json").exists():
+        cell = json.loads((run.root / "sweep_cell.json").read_text())
+        if cell.get("recipe") == digest:
+            return dict(cell)
+    summary = run_recipe(cfg, progress=progress)
+    f, _ = run.load("f")
+    acc = Evaluator.of(cfg, data)(f)
+    final = summary["final"]
+    keep = ("sslmem/", "layermem/", "delta_layermem/", "unitmem_mean/", "classmem_mean/")
+    cell = {"recipe": digest, "seconds": summary["seconds"], "linear_acc": acc["linear_acc"],
+            **{k: v for k, v in final.items() if k.startswith(keep)}}
+    atomic_text(run.root / "sweep_cell.json", json.dumps(cell, indent=2))
+    return cell
+
+
+def run_sweep(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every cell of ``cfg.sweep`` (see the module doc); writes and returns the table."""
+    sw = cfg.sweep
+    assert sw is not None
+    cells = sweep_variants(cfg)  # every cell checked before any training
+    t0 = time.perf_counter()
+    data = load_data(cells[0][2].data, progress)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for n, (value, seed, variant) in enumerate(cells, start=1):
+        if progress:
+            print(f"sweep {'+'.join(sw.params)} = {value!r}, seed {seed} ({n}/{len(cells)}) -> {variant.output}", flush=True)
+        if variant.data != cells[0][2].data:
+            data = load_data(variant.data, progress)
+        results.setdefault(json.dumps(value), []).append({"seed": seed, **_cell(variant, progress, data)})
+    table = _table(sw, results)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"sweep": {**dataclasses.asdict(sw), "params": list(sw.params)}, "rows": table, "cells": results, "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_text(out / "sweep.json", json.dumps(doc, indent=2))
+    atomic_text(out / "sweep.md", format_sweep(doc))
+    return doc
+
+
+def _table(sw: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for key, cells in results.items():
+        metrics = sorted({k for c in cells for k in c if k not in ("seed", "recipe", "seconds")})
+        row: dict[str, Any] = {"value": json.loads(key), "seeds": [c["seed"] for c in cells]}
+        for m in metrics:
+            mean, half = _interval([float(c.get(m, math.nan)) for c in cells])
+            row[m] = {"mean": mean, "ci95": half}
+        rows.append(row)
+    return rows
+
+
+def _fmt(entry: dict[str, float] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if entry is None or entry["mean"] != entry["mean"]:
+        return "—"
+    half = entry["ci95"]
+    pm = "" if half != half else f" ± {half * scale:.{digits}f}"
+    return f"{entry['mean'] * scale:.{digits}f}{pm}"
+
+
+def format_sweep(doc: dict[str, Any]) -> str:
+    """``sweep.md``: one row per value (mean ± 95% t-interval over the seeds)."""
+    sw, rows = doc["sweep"], doc["rows"]
+    label = " + ".join(f"`{p}`" for p in sw["params"])
+    layers = [k.split("/", 1)[1] for k in rows[0] if k.startswith("layermem/")] if rows else []
+    units = [k.split("/", 1)[1] for k in rows[0] if k.startswith("unitmem_mean/")] if rows else []
+    head = [sw["params"][0] if len(sw["params"]) == 1 else "value", "linear acc (%)", "SSLMem' candidates",
+            "shared", "independent", *(f"LayerMem {layer}" for layer in layers), "UnitMem (mean of layers)"]
+    lines = [f"# Sweep of {label}", "",
+             f"{len(sw['seeds'])} seeds ({', '.join(map(str, sw['seeds']))}) per value: each a new split and "
+             "initialization (`split.seed` = `train.seed` = seed). Values: mean ± the half-width of the 95% "
+             "t-interval over the seeds. SSLMem' is the final layer's (METRICS.md §2); the linear probe is f's, on "
+             f"the recipe's `surgery.evaluate` split. Wall time: {doc['seconds']:.0f} s.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        unit_means = [r[f"unitmem_mean/{u}"]["mean"] for u in units if f"unitmem_mean/{u}" in r]
+        unit = f"{sum(unit_means) / len(unit_means):.3f}" if unit_means else "—"
+        cells = [json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"],
+                 _fmt(r.get("linear_acc"), 100, 2), _fmt(r.get("sslmem/candidates"), digits=4),
+                 _fmt(r.get("sslmem/shared"), digits=4), _fmt(r.get("sslmem/independent"), digits=4),
+                 *(_fmt(r.get(f"layermem/{layer}"), digits=4) for layer in layers), unit]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-cell values, per-layer UnitMem and ClassMem: `sweep.json`; each run's own files: "
+              "`<output>/<param>=<value>/seed<seed>/`.", ""]
+    return "\n".join(lines)
