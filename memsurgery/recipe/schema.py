@@ -262,6 +262,26 @@ class FinetuneStageConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """``surgery.retrain``: remove and retrain (ICLR 2024 §4.4). The candidates are ranked by their
+    final-layer SSLMem' (f against g); for each strategy, ``k`` of them are removed from f's
+    training set (``top``: the most memorized, ``random``: seeded by ``seed``, ``low``: the least),
+    a new f is trained from f's initialization on the rest with the recipe's ``train`` settings,
+    and its linear-probe accuracy is compared. The paper: removing the most memorized points
+    costs the most."""
+
+    k: int = 50
+    strategies: tuple[Literal["top", "random", "low"], ...] = ("top", "random", "low")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1 (points to remove), got {self.k}")
+        if not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies must list distinct strategies of top, random, low; got {list(self.strategies)}")
+
+
+@dataclass(frozen=True)
 class SurgeryConfig:
     """The optional surgery part of a recipe. ``stages`` lists what ``memsurgery run`` does after
     training, in the registry's order (empty: training only); each needs its section when it is
@@ -272,6 +292,7 @@ class SurgeryConfig:
     prune: PruneConfig | None = None
     swap: SwapConfig | None = None
     finetune: FinetuneStageConfig | None = None
+    retrain: RetrainConfig | None = None
 
 
 @dataclass(frozen=True)

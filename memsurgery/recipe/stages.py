@@ -1,7 +1,7 @@
 """The stage registry: what ``memsurgery run`` does after training, and what the CLI runs one by one.
 
 :data:`STAGES` maps each stage's name to its :class:`Stage`, in pipeline order: score -> prune ->
-swap -> finetune -> export -> report. That one registry gives the order ``surgery.stages`` must
+swap -> finetune -> retrain -> export -> report. That one registry gives the order ``surgery.stages`` must
 follow, the section each stage needs, the CLI's sub-commands and their help, the check each stage
 makes on the built model before training starts, and the rows of ``report.md``.
 
@@ -28,7 +28,7 @@ from torch import nn
 from .._io import atomic_path, atomic_text, write_json
 from ..surgery.scores import ScoreSet
 from .folder import RunFolder, digest_inputs, output_digest
-from .schema import FinetuneStageConfig, PruneConfig, RunConfig, SwapConfig
+from .schema import FinetuneStageConfig, PruneConfig, RetrainConfig, RunConfig, SwapConfig
 from .setup import (
     Data,
     Evaluator,
@@ -382,6 +382,81 @@ def save_head(head: nn.Linear, path: Path) -> None:
     with atomic_path(path) as tmp:
         save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(tmp),
                   metadata={"in_features": str(head.in_features), "out_features": str(head.out_features)})
+
+
+# ---------------------------------------------------------------------------- retrain
+def _check_retrain(pre: Preflight) -> None:
+    rc: RetrainConfig = section(pre.cfg, "retrain")
+    s, bs = pre.cfg.split, pre.cfg.train.batch_size
+    if rc.k > s.candidates:
+        raise ValueError(f"surgery.retrain.k is {rc.k}, but there are only {s.candidates} candidates to rank and remove: "
+                         f"lower k or raise split.candidates")
+    if s.shared + s.candidates - rc.k < bs:
+        raise ValueError(f"after removing {rc.k} points, f's {s.shared + s.candidates - rc.k} training points are fewer "
+                         f"than one batch ({bs}): lower k or train.batch_size")
+
+
+def removal_sets(indices: torch.Tensor, sslmem: torch.Tensor, k: int, seed: int) -> dict[str, list[int]]:
+    """The k candidates (dataset indices) each strategy removes: ``top`` the highest SSLMem', ``low``
+    the lowest (ties by index, so the sets are reproducible), ``random`` a seeded draw."""
+    if sslmem.shape != indices.shape or sslmem.isnan().any():
+        raise ValueError("every candidate needs a finite SSLMem' to be ranked")
+    order = sorted(range(len(indices)), key=lambda i: (-float(sslmem[i]), int(indices[i])))
+    pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:k]
+    sets = {"top": [int(indices[i]) for i in order[:k]], "low": [int(indices[i]) for i in order[-k:]],
+            "random": [int(indices[i]) for i in pick]}
+    return {name: sorted(v) for name, v in sets.items()}
+
+
+def _retrain_row(s: dict[str, Any]) -> list[str]:
+    accs = " / ".join(f"{name} {r['accuracy']['linear_acc']:.4f}" for name, r in s["strategies"].items())
+    return [f"retrain (remove {s['config']['k']})", f"f retrained without: {accs}", _acc(s["accuracy_f"]), "", "", ""]
+
+
+@_register("remove the k most / random / least memorized candidates, retrain f on the rest, compare accuracy",
+           section="retrain", check=_check_retrain, row=_retrain_row)
+def stage_retrain(cfg: RunConfig, progress: bool = True, data: Data | None = None) -> dict[str, Any]:
+    """Rank the candidates by final-layer SSLMem' (f against g), then for each strategy retrain f from
+    its initialization without its k points and record the linear probe. Each retrained model is
+    exported as ``retrain_<strategy>.safetensors`` with the removed indices in its metadata; the
+    indices are also in ``retrain_removed.json`` and the report."""
+    from ..data import TwinSplit
+    from ..probe import run_probe
+    from ..train import train_ssl
+
+    rc: RetrainConfig = section(cfg, "retrain")
+    run = RunFolder(cfg.output)
+    f, meta = _trained(run, cfg, "f")
+    g, _ = _trained(run, cfg, "g")
+    images, labels = _data(cfg, progress, data)
+    split = TwinSplit.load_json(run.split_path)
+    result = run_probe(f, images, split.candidates, reference=g,
+                       config=dataclasses.replace(cfg.probe, unit_layers=None, progress=progress))
+    removed = removal_sets(result.indices, result.sslmem_final, rc.k, rc.seed)
+    mem = dict(zip(result.indices.tolist(), result.sslmem_final.tolist(), strict=True))
+    inputs = run.provenance("split", "f", "g", recipe=recipe_digest(cfg))
+    write_json(run.root / "retrain_removed.json", {"ranked_by": f"sslmem_final ({result.final_layer}, f vs g)",
+                                                  "k": rc.k, "removed": {s: removed[s] for s in rc.strategies},
+                                                  "provenance": inputs})
+    evaluate = Evaluator.of(cfg, (images, labels))
+    out: dict[str, Any] = {}
+    models = {}
+    train_f = torch.as_tensor(split.train_f).long()
+    for strategy in rc.strategies:
+        drop = torch.tensor(removed[strategy])
+        keep = train_f[~torch.isin(train_f, drop)]
+        model = build_twins(cfg, images)[0]  # f's initialization
+        losses = train_ssl(model, images, keep, cfg.train, progress=progress)
+        name = f"retrain_{strategy}"
+        models[strategy] = run.save(name, model, {"arch": meta["arch"], "input_shape": meta["input_shape"]},
+                                    options=cfg.probe.options(),
+                                    extra={"stage": "retrain", "strategy": strategy, "removed": removed[strategy],
+                                           "ranked_by": "sslmem_final", "provenance": inputs})
+        out[strategy] = {"removed": removed[strategy], "accuracy": evaluate(model), "final_loss": losses[-1],
+                         "removed_sslmem_mean": sum(mem[i] for i in removed[strategy]) / rc.k,
+                         "trained_points": int(keep.numel())}
+    return {"stage": "retrain", "config": dataclasses.asdict(rc), "accuracy_f": evaluate(f), "strategies": out,
+            "models": models, "provenance": inputs}
 
 
 # ---------------------------------------------------------------------------- export
