@@ -555,13 +555,21 @@ class MAEObjective(SSLObjective):
         """Restore the mask generator's state from :meth:`get_extra_state`."""
         self._generator.set_state(state["generator"])
 
+    def draw_masks(self, batch: int, num_patches: int, device: torch.device | str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``random_mask`` from the objective's own generator at its ``mask_ratio``: what the next
+        training forward would draw, for a caller that passes ``masks`` itself (per-sample DP)."""
+        return random_mask(batch, num_patches, self.options.mask_ratio, self._generator, device=device)
+
     def encode(
         self,
         images: torch.Tensor,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the prefix tokens and a random subset of visible patches.
+        """Encode the prefix tokens and a random subset of visible patches (``masks``: a given
+        ``(mask, ids_keep)`` instead of a random one).
 
         Returns ``(tokens [B, prefix + K, D], mask [B, N], ids_keep [B, K])``; the visible tokens
         are in raster order. With ``mask_ratio=0`` the tokens equal ``encoder.forward_features``.
@@ -573,7 +581,7 @@ class MAEObjective(SSLObjective):
         prefix = int(vit.num_prefix_tokens)
         patches = x[:, prefix:]
         b, n, dim = patches.shape
-        mask, ids_keep = random_mask(b, n, ratio, gen, device=x.device)
+        mask, ids_keep = masks if masks is not None else random_mask(b, n, ratio, gen, device=x.device)
         visible = patches.gather(1, ids_keep[:, :, None].expand(-1, -1, dim))
         x = torch.cat([x[:, :prefix], visible], dim=1)
         return vit.norm(vit.blocks(vit.norm_pre(x))), mask, ids_keep
@@ -597,16 +605,19 @@ class MAEObjective(SSLObjective):
         images: torch.Tensor,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> MAEOutput:
         """Mask, encode, decode and score one batch; see :class:`MAEOutput`."""
         ph, pw = self.patch_size
         target = patchify(images, self.patch_size)
-        tokens, mask, ids_keep = self.encode(images, mask_ratio, generator)
+        tokens, mask, ids_keep = self.encode(images, mask_ratio, generator, masks)
         pred = self.decode(tokens, ids_keep, (images.shape[2] // ph, images.shape[3] // pw))
         loss = masked_mse(pred, target, mask.to(pred.dtype), self.options.norm_pix_loss)
         return MAEOutput(loss, pred, target, mask)
 
-    def forward(self, views: Sequence[torch.Tensor], step: int | None = None) -> torch.Tensor:
-        """The masked reconstruction loss of one (clean) view; ``step`` is unused."""
+    def forward(self, views: Sequence[torch.Tensor], step: int | None = None,
+                masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """The masked reconstruction loss of one (clean) view; ``step`` is unused; ``masks`` as in
+        :meth:`encode`."""
         (images,) = self._check_views(views)
-        return self.forward_details(images).loss
+        return self.forward_details(images, masks=masks).loss

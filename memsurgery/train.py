@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .dp import DPConfig
 from .views import ViewConfig, make_views, normalizer
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     keep_checkpoints: int | None = None  # the newest N complete checkpoints are kept (None: all)
     objective: dict[str, Any] = field(default_factory=dict)
     align_reg: dict[str, Any] | None = None  # {lambda: float, distance: l2|l1|cosine|angular}: ICLR 2024 Eq. 3
+    dp: DPConfig | None = None  # DP-SGD (memsurgery.dp): MAE only
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -63,6 +65,10 @@ class TrainConfig:
         from .regularize import parse_align_reg
 
         parse_align_reg(self.align_reg, self.method)  # raises on a bad option, before any work
+        if self.dp is not None:
+            from .dp import check_dp
+
+            check_dp(self.dp, self.method)
 
 
 class _Progress:
@@ -279,6 +285,7 @@ def _train(
     normalize = normalizer(config.mean, config.std, device)
     inners = [acc.unwrap_model(obj) for obj, _ in prepared]
     regs = [parse_align_reg(config.align_reg, config.method) for _ in runs]
+    dp_steps = _dp_steps(config, prepared, inners, n_points, acc.num_processes)
     taps = [_EncoderTap(inner.encoder) if reg is not None else None for inner, reg in zip(inners, regs, strict=True)]
     n_views = int(getattr(inners[0], "num_views", 2))
     steps_per_epoch = n_points // config.batch_size
@@ -295,6 +302,14 @@ def _train(
             step = epoch * steps_per_epoch + b
             for r, ((objective, opt), inner) in enumerate(zip(prepared, inners, strict=True)):
                 objective.train()
+                if dp_steps is not None:  # DP-SGD: a Poisson-sampled batch, clipped per-sample gradients, noise
+                    for group in opt.param_groups:
+                        group["lr"] = learning_rate(config, step, total)
+                    x = images[_dp_batch(config, runs[r][1], step)].to(device)
+                    loss_value = dp_steps[r](normalize(x.float() / 255.0), step)
+                    inner.on_step_end(step, total)
+                    sums[r] += 0.0 if loss_value != loss_value else loss_value
+                    continue
                 batch = perms[r][b * config.batch_size : (b + 1) * config.batch_size][rank::world]
                 x = images[batch].to(device)
                 if n_views == 1 and config.method == "mae":
@@ -331,6 +346,27 @@ def _train(
     for encoder, _ in runs:
         encoder.eval()
     return [list(st.losses) for st in states]
+
+
+def _dp_batch(config: TrainConfig, indices: torch.Tensor, step: int) -> torch.Tensor:
+    from .dp import poisson_batch
+
+    return poisson_batch(indices, config.batch_size / indices.numel(), config.seed, step)
+
+
+def _dp_steps(config: TrainConfig, prepared: list[Any], inners: list[Any], n_points: int, world: int) -> list[Any] | None:
+    """One :class:`memsurgery.dp.DPStep` per run when ``config.dp`` is set (else None)."""
+    if config.dp is None:
+        return None
+    from .dp import DPStep, privacy_budget
+
+    if world > 1:
+        raise ValueError("train.dp runs in one process: the per-sample clipping and the noise are not sharded yet; "
+                         "launch without accelerate's multi-process mode")
+    budget = privacy_budget(config.dp, n_points, config.batch_size, config.epochs)
+    # the same noise stream for f and g (common random numbers, like their common initialization)
+    return [DPStep(inner, getattr(opt, "optimizer", opt), budget, config.batch_size, config.seed)
+            for (_, opt), inner in zip(prepared, inners, strict=True)]
 
 
 class _EncoderTap:

@@ -118,7 +118,7 @@ def test_the_registry_gives_the_cli_its_commands_and_help():
 
 def test_the_report_has_a_row_for_each_stage_with_one_in_registry_order():
     described = [name for name, s in STAGES.items() if s.row is not None]
-    assert described == ["prune", "swap", "finetune"]
+    assert described == ["prune", "swap", "finetune", "retrain"]
     reports = {
         "prune": {"plan": {"units": {"conv1": [0, 3]}}, "accuracy_before": {"linear_acc": 0.9},
                   "accuracy_after": {"linear_acc": 0.8}, "changes": {"params_before": 10, "params_after": 8}},

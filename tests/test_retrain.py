@@ -69,7 +69,7 @@ def test_each_strategy_retrains_without_its_points(retrained):
         r = rep["strategies"][strategy]
         assert r["removed"] == removed[strategy] and len(r["removed"]) == 10 and set(r["removed"]) <= cands
         assert r["trained_points"] == split.train_f.numel() - 10
-        model, meta = load_model(out / f"retrain_{strategy}.safetensors")
+        _, meta = load_model(out / f"retrain_{strategy}.safetensors")
         assert meta["extra"]["removed"] == removed[strategy] and meta["extra"]["strategy"] == strategy
         assert 0.0 <= r["accuracy"]["linear_acc"] <= 1.0
         means[strategy] = r["removed_sslmem_mean"]

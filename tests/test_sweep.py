@@ -83,6 +83,10 @@ def test_finished_cells_are_reused(swept):
     again = run_sweep(cfg, progress=False)
     assert [p.stat().st_mtime_ns for p in models] == stamps  # nothing retrained
     assert again["rows"] == doc["rows"]
+    for cell in Path(cfg.output).glob("*/seed*/sweep_cell.json"):
+        cell.unlink()  # a finished run without its cell file (an older sweep): read back from its summary and f
+    again = run_sweep(cfg, progress=False)
+    assert [p.stat().st_mtime_ns for p in models] == stamps and again["rows"] == doc["rows"]
 
 
 def test_bad_sweeps_fail_before_any_work(tmp_path, capsys):

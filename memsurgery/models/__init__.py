@@ -19,9 +19,17 @@ register_encoder = _ENCODERS.register
 list_encoders = _ENCODERS.names
 
 
-def build_encoder(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered encoder (``list_encoders()``) with its constructor arguments."""
-    return _ENCODERS.get(name)(**kwargs)
+def build_encoder(name: str, *, opacus_fix: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered encoder (``list_encoders()``) with its constructor arguments.
+
+    ``opacus_fix=True`` makes it DP-compatible with Opacus' ``ModuleValidator.fix`` (BatchNorm ->
+    GroupNorm); an exported model records it in its architecture, so ``load_model`` rebuilds it."""
+    model = _ENCODERS.get(name)(**kwargs)
+    if opacus_fix:
+        from ..dp import make_dp_compatible
+
+        model = make_dp_compatible(model)
+    return model
 
 
 @register_encoder("resnet9")

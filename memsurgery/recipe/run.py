@@ -82,6 +82,11 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, forc
     out.mkdir(parents=True, exist_ok=True)
     mon = Monitor(f, probe, reference=g, config=cfg.probe, every_n_steps=cfg.monitor.every_n_epochs * steps_per_epoch,
                   log_dir=str(out / "tb"), thresholds=cfg.monitor.thresholds)
+    budget = None
+    if cfg.train.dp is not None:  # the noise for the target, and a delta too large for N, before any step
+        from ..dp import privacy_budget
+
+        budget = privacy_budget(cfg.train.dp, split.train_f.numel(), cfg.train.batch_size, cfg.train.epochs).to_dict()
     with mon:
         _preflight(cfg, f, mon, images)  # every listed stage's plan, on the built model, before training
         losses_f, losses_g = train_twins(f, g, images, split, cfg.train, monitor=mon, progress=progress,
@@ -89,6 +94,9 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, forc
                                          fingerprint_extra=recipe_fingerprint(cfg))
         final = mon.compute()
     summary = summarize(cfg, mon, final, (losses_f, losses_g), steps_per_epoch, time.perf_counter() - t0)
+    if budget is not None:
+        summary["dp"] = budget
+        _log_dp(out / "tb", budget, cfg.train.epochs * steps_per_epoch)
     atomic_text(out / "summary.json", json.dumps(summary, indent=2))
     atomic_text(out / "summary.md", format_summary(summary))
     # split first, then the models (recording the split's digest), then the scores (recording the
@@ -96,12 +104,22 @@ def run_recipe(cfg: RunConfig, progress: bool = True, resume: bool = False, forc
     # every stage refuses
     split.save_json(run.split_path)
     assert mon.last is not None  # summarize raised otherwise
-    models = {name: save_trained(run, name, m, cfg, images) for name, m in (("f", f), ("g", g))}
+    models = {name: save_trained(run, name, m, cfg, images, dp=budget) for name, m in (("f", f), ("g", g))}
     ScoreSet.from_probe(mon.last, run.provenance("split", "f", "g", recipe=recipe_digest(cfg))).save(run.scores_path)
     write_json(run.report_path("train"), {"stage": "train", "models": models, "seconds": summary["seconds"]})
     summary["stages"] = {stage: run_stage(stage, cfg, progress=progress, data=(images, labels))
                          for stage in cfg.surgery.stages}
     return summary
+
+
+def _log_dp(log_dir: Path, budget: dict[str, Any], step: int) -> None:
+    """The privacy spent, next to the probes in TensorBoard (``dp/epsilon``, ``dp/noise_multiplier``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(log_dir)) as writer:
+        for key in ("epsilon", "noise_multiplier", "sample_rate"):
+            if budget[key] != float("inf"):  # the noise-free control spends no finite epsilon
+                writer.add_scalar(f"dp/{key}", budget[key], step)
 
 
 def _preflight(cfg: RunConfig, f: torch.nn.Module, mon: Monitor, images: torch.Tensor) -> None:

@@ -42,6 +42,8 @@ def load_data(cfg: DataConfig, progress: bool = True) -> Data:
 def model_kwargs(cfg: RunConfig, images: torch.Tensor) -> dict[str, Any]:
     """The encoder's constructor arguments: the recipe's, plus input channels / size from the data."""
     kwargs = dict(cfg.model.kwargs)
+    if cfg.train.dp is not None:  # BatchNorm -> GroupNorm (Opacus), recorded with the architecture
+        kwargs.setdefault("opacus_fix", True)
     if cfg.model.name.startswith("vit"):
         kwargs.setdefault("in_chans", images.shape[1])
         kwargs.setdefault("img_size", images.shape[-1])
@@ -121,11 +123,13 @@ class Evaluator:
                                      method=self.cfg.method, mean=self.mean, std=self.std, knn_k=self.cfg.knn_k))
 
 
-def save_trained(run: RunFolder, name: str, model: nn.Module, cfg: RunConfig, images: torch.Tensor) -> dict[str, Any]:
+def save_trained(run: RunFolder, name: str, model: nn.Module, cfg: RunConfig, images: torch.Tensor,
+                 dp: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export a trained encoder (``f`` / ``g``) with the recipe's architecture and probe options;
-    its provenance is the recipe's digest and the folder's split."""
+    its provenance is the recipe's digest and the folder's split; ``dp``: the privacy it spent."""
     meta = {"arch": {"name": cfg.model.name, "kwargs": model_kwargs(cfg, images)},
             "input_shape": [1, *images.shape[1:]]}
     return run.save(name, model, meta, options=cfg.probe.options(),
                     extra={"stage": "train", "config": json.loads(json.dumps(dataclasses.asdict(cfg.train), default=str)),
-                           "provenance": run.provenance("split", recipe=recipe_digest(cfg))})
+                           "provenance": run.provenance("split", recipe=recipe_digest(cfg)),
+                           **({"dp": dp} if dp is not None else {})})

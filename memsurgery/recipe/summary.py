@@ -110,6 +110,11 @@ def format_summary(s: dict[str, Any]) -> str:
                   "|---:|" + "---:|" * len(deep)]
         for row in s["layermem_curve"]:
             lines.append(f"| {row['epoch']} | " + " | ".join(f"{row[d]:+.4f}" for d in deep) + " |")
+    dp = s.get("dp")
+    if dp:
+        lines += ["", f"DP-SGD (each of f and g): epsilon spent {dp['epsilon']:.3g} at delta {dp['delta']:.1g} (target "
+                  f"{dp['target_epsilon']:.3g}, {dp['accountant']} accountant); noise multiplier {dp['noise_multiplier']:.3g}, "
+                  f"clipping {dp['max_grad_norm']:g}, Poisson sampling rate {dp['sample_rate']:.3g} over {dp['steps']} steps."]
     lines += ["", f"Total time {s['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 

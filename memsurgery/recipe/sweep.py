@@ -95,24 +95,37 @@ def _interval(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, len(vals) - 1)) * sd / math.sqrt(len(vals))
 
 
+_CELL_FORMAT = 2
+_KEEP = ("sslmem/", "ttest_p/", "layermem/", "delta_layermem/", "unitmem_mean/", "unitmem_median/",
+         "unitmem_frac_above_", "classmem_mean/")
+
+
 def _cell(cfg: RunConfig, progress: bool, data: Any) -> dict[str, Any]:
+    """One cell's numbers. A cell whose run folder already holds this variant's trained f (its
+    recorded recipe digest matches) and summary is not retrained: its numbers are read back."""
     from .run import run_recipe
 
     run = RunFolder(cfg.output)
-    done = run.root / "summary.json"
     digest = recipe_digest(cfg)
-    if done.exists() and (run.root / "sweep_cell.json").exists():
-        cell = json.loads((run.root / "sweep_cell.json").read_text())
-        if cell.get("recipe") == digest:
+    cached = run.root / "sweep_cell.json"
+    if cached.exists():
+        cell = json.loads(cached.read_text())
+        if cell.get("recipe") == digest and cell.get("format") == _CELL_FORMAT:
             return dict(cell)
-    summary = run_recipe(cfg, progress=progress)
+    summary = None
+    if (run.root / "summary.json").exists() and run.model_path("f").exists():
+        _, meta = run.load("f")
+        if ((meta.get("extra") or {}).get("provenance") or {}).get("recipe") == digest:
+            summary = json.loads((run.root / "summary.json").read_text())
+    if summary is None:
+        summary = run_recipe(cfg, progress=progress)
     f, _ = run.load("f")
     acc = Evaluator.of(cfg, data)(f)
     final = summary["final"]
-    keep = ("sslmem/", "layermem/", "delta_layermem/", "unitmem_mean/", "classmem_mean/")
-    cell = {"recipe": digest, "seconds": summary["seconds"], "linear_acc": acc["linear_acc"],
-            **{k: v for k, v in final.items() if k.startswith(keep)}}
-    atomic_text(run.root / "sweep_cell.json", json.dumps(cell, indent=2))
+    cell = {"format": _CELL_FORMAT, "recipe": digest, "seconds": summary["seconds"], "linear_acc": acc["linear_acc"],
+            **({"dp/epsilon": summary["dp"]["epsilon"]} if summary.get("dp") else {}),
+            **{k: v for k, v in final.items() if k.startswith(_KEEP)}}
+    atomic_text(cached, json.dumps(cell, indent=2))
     return cell
 
 
@@ -142,7 +155,7 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 def _table(sw: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for key, cells in results.items():
-        metrics = sorted({k for c in cells for k in c if k not in ("seed", "recipe", "seconds")})
+        metrics = sorted({k for c in cells for k in c if k not in ("seed", "recipe", "seconds", "format")})
         row: dict[str, Any] = {"value": json.loads(key), "seeds": [c["seed"] for c in cells]}
         for m in metrics:
             mean, half = _interval([float(c.get(m, math.nan)) for c in cells])
@@ -165,8 +178,10 @@ def format_sweep(doc: dict[str, Any]) -> str:
     label = " + ".join(f"`{p}`" for p in sw["params"])
     layers = [k.split("/", 1)[1] for k in rows[0] if k.startswith("layermem/")] if rows else []
     units = [k.split("/", 1)[1] for k in rows[0] if k.startswith("unitmem_mean/")] if rows else []
-    head = [sw["params"][0] if len(sw["params"]) == 1 else "value", "linear acc (%)", "SSLMem' candidates",
-            "shared", "independent", *(f"LayerMem {layer}" for layer in layers), "UnitMem (mean of layers)"]
+    dp = any("dp/epsilon" in r for r in rows)
+    head = [sw["params"][0] if len(sw["params"]) == 1 else "value", *(["epsilon spent"] if dp else []), "linear acc (%)",
+            "SSLMem' candidates", "shared", "independent", *(f"LayerMem {layer}" for layer in layers),
+            "UnitMem (mean of layers)"]
     lines = [f"# Sweep of {label}", "",
              f"{len(sw['seeds'])} seeds ({', '.join(map(str, sw['seeds']))}) per value: each a new split and "
              "initialization (`split.seed` = `train.seed` = seed). Values: mean ± the half-width of the 95% "
@@ -177,10 +192,20 @@ def format_sweep(doc: dict[str, Any]) -> str:
         unit_means = [r[f"unitmem_mean/{u}"]["mean"] for u in units if f"unitmem_mean/{u}" in r]
         unit = f"{sum(unit_means) / len(unit_means):.3f}" if unit_means else "—"
         cells = [json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"],
-                 _fmt(r.get("linear_acc"), 100, 2), _fmt(r.get("sslmem/candidates"), digits=4),
+                 *([_fmt(r.get("dp/epsilon"), digits=2)] if dp else []), _fmt(r.get("linear_acc"), 100, 2), _fmt(r.get("sslmem/candidates"), digits=4),
                  _fmt(r.get("sslmem/shared"), digits=4), _fmt(r.get("sslmem/independent"), digits=4),
                  *(_fmt(r.get(f"layermem/{layer}"), digits=4) for layer in layers), unit]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per-cell values, per-layer UnitMem and ClassMem: `sweep.json`; each run's own files: "
+    if units:
+        lines += ["", "UnitMem per layer (mean / median / fraction of units above 0.5), mean over the seeds:", "",
+                  "| value | " + " | ".join(units) + " |", "|---|" + "---|" * len(units)]
+        for r in rows:
+            def per(u: str, r: dict[str, Any] = r) -> str:
+                parts = [r.get(f"{k}/{u}") for k in ("unitmem_mean", "unitmem_median", "unitmem_frac_above_0.5")]
+                return " / ".join("—" if p is None else f"{p['mean']:.3f}" for p in parts)
+
+            value = json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"]
+            lines.append(f"| {value} | " + " | ".join(per(u) for u in units) + " |")
+    lines += ["", "Per-cell values (and ClassMem, ΔLayerMem, t-test p-values): `sweep.json`; each run's own files: "
               "`<output>/<param>=<value>/seed<seed>/`.", ""]
     return "\n".join(lines)
