@@ -106,3 +106,21 @@ def test_bad_retrain_settings_fail_before_training(tmp_path, capsys):
         err = capsys.readouterr().err
         assert match in err, err
         assert not (tmp_path / "out" / "f.safetensors").exists()
+
+
+def test_a_sweep_over_seeds_tabulates_the_retrain_stage(tmp_path):
+    from memsurgery.recipe import run_sweep
+
+    recipe = copy.deepcopy(TINY)
+    recipe["surgery"]["stages"] = ["retrain"]
+    recipe["surgery"]["retrain"] = {"k": 5, "strategies": ["top", "low"]}
+    recipe.update(output=str(tmp_path / "sw"), sweep={"param": "surgery.retrain.k", "values": [5], "seeds": [0, 1]})
+    path = tmp_path / "sw.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    doc = run_sweep(load_recipe(path), progress=False)
+    (row,) = doc["rows"]
+    for strategy in ("top", "low"):
+        accs = [json.loads((tmp_path / "sw" / "surgery.retrain.k=5" / f"seed{s}" / "reports" / "retrain.json").read_text())
+                ["strategies"][strategy]["accuracy"]["linear_acc"] for s in (0, 1)]
+        assert row[f"retrain_acc/{strategy}"]["mean"] == pytest.approx(sum(accs) / 2, abs=1e-12)
+    assert "without top" in (tmp_path / "sw" / "sweep.md").read_text()

@@ -5,7 +5,8 @@ runs one ``memsurgery run`` per (value, seed): the dotted ``param`` (or several,
 takes the value, ``split.seed`` and ``train.seed`` take the seed, and the run goes to
 ``<output>/<param>=<value>/seed<seed>``. Each run's own files (models, scores, summary) stay
 there; a cell whose ``summary.json`` was written by the same variant is reused, so a sweep that
-was stopped continues where it was. Then ``sweep.md`` / ``sweep.json`` gather, per value, the mean
+was stopped continues where it was. The recipe's surgery stages run in every cell (the ablations
+list none; with ``retrain`` the table adds its accuracies). Then ``sweep.md`` / ``sweep.json`` gather, per value, the mean
 and the 95% t-interval over the seeds of: f's linear-probe accuracy, the final-layer SSLMem' of
 each split, LayerMem per layer and the mean UnitMem per layer.
 
@@ -28,8 +29,6 @@ from .schema import ConfigError, RunConfig, SweepConfig, from_dict
 from .setup import Evaluator, load_data, recipe_digest
 
 __all__ = ["run_sweep", "sweep_variants"]
-
-_NO_STAGES: dict[str, Any] = {"stages": []}
 
 
 def _set(tree: dict[str, Any], path: str, value: Any) -> None:
@@ -55,14 +54,13 @@ def _slug(value: Any) -> str:
 
 def sweep_variants(cfg: RunConfig) -> list[tuple[Any, int, RunConfig]]:
     """``(value, seed, config)`` for every cell of ``cfg.sweep``, each a checked :class:`RunConfig`
-    without a sweep and without surgery stages. Raises :class:`ConfigError` on any bad cell."""
+    without a sweep (with the recipe's surgery stages). Raises :class:`ConfigError` on any bad cell."""
     from .run import check_recipe
 
     sw = cfg.sweep
     if sw is None:
         raise ConfigError("the recipe has no 'sweep' section")
     base = dataclasses.asdict(dataclasses.replace(cfg, sweep=None))
-    base["surgery"].update(_NO_STAGES)
     label = "+".join(sw.params)
     out = []
     for value in sw.values:
@@ -122,9 +120,16 @@ def _cell(cfg: RunConfig, progress: bool, data: Any) -> dict[str, Any]:
     f, _ = run.load("f")
     acc = Evaluator.of(cfg, data)(f)
     final = summary["final"]
+    retrain: dict[str, float] = {}
+    if "retrain" in cfg.surgery.stages:  # the stage's report, from this run (its provenance names this f)
+        rep = json.loads(run.report_path("retrain").read_text())
+        run.require("reports/retrain.json", rep.get("provenance"), {"f": run.digest("f")}, "memsurgery retrain <recipe>")
+        for name, r in rep["strategies"].items():
+            retrain[f"retrain_acc/{name}"] = r["accuracy"]["linear_acc"]
+            retrain[f"retrain_removed_sslmem/{name}"] = r["removed_sslmem_mean"]
     cell = {"format": _CELL_FORMAT, "recipe": digest, "seconds": summary["seconds"], "linear_acc": acc["linear_acc"],
             **({"dp/epsilon": summary["dp"]["epsilon"]} if summary.get("dp") else {}),
-            **{k: v for k, v in final.items() if k.startswith(_KEEP)}}
+            **{k: v for k, v in final.items() if k.startswith(_KEEP)}, **retrain}
     atomic_text(cached, json.dumps(cell, indent=2))
     return cell
 
@@ -206,6 +211,17 @@ def format_sweep(doc: dict[str, Any]) -> str:
 
             value = json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"]
             lines.append(f"| {value} | " + " | ".join(per(u) for u in units) + " |")
+    strategies = [k.split("/", 1)[1] for k in rows[0] if k.startswith("retrain_acc/")] if rows else []
+    if strategies:
+        lines += ["", "Remove and retrain: f retrained without k candidates chosen by SSLMem' (linear-probe accuracy %, "
+                  "and the mean SSLMem' of the removed points):", "",
+                  "| value | f (nothing removed) | " + " | ".join(f"without {s}" for s in strategies) + " |",
+                  "|---|---|" + "---|" * len(strategies)]
+        for r in rows:
+            value = json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"]
+            lines.append(f"| {value} | {_fmt(r.get('linear_acc'), 100, 2)} | " + " | ".join(
+                f"{_fmt(r.get(f'retrain_acc/{s}'), 100, 2)} (SSLMem' {_fmt(r.get(f'retrain_removed_sslmem/{s}'))})"
+                for s in strategies) + " |")
     lines += ["", "Per-cell values (and ClassMem, ΔLayerMem, t-test p-values): `sweep.json`; each run's own files: "
               "`<output>/<param>=<value>/seed<seed>/`.", ""]
     return "\n".join(lines)
