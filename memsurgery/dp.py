@@ -106,15 +106,18 @@ class PrivacyBudget:
         return asdict(self)
 
 
-def privacy_budget(dp: DPConfig, num_points: int, batch_size: int, epochs: int) -> PrivacyBudget:
+def privacy_budget(dp: DPConfig, num_points: int, batch_size: int, epochs: int,
+                   epochs_done: int | None = None) -> PrivacyBudget:
     """The noise for ``dp``'s target over ``epochs * (num_points // batch_size)`` Poisson-sampled
-    steps at rate ``batch_size / num_points``, and the epsilon it spends (Opacus' accountant)."""
+    steps at rate ``batch_size / num_points``, and the epsilon it spends (Opacus' accountant) over
+    the whole run, or over the first ``epochs_done`` epochs (a checkpoint part-way)."""
     if dp.delta >= 1.0 / num_points:
         raise ValueError(f"dp.delta = {dp.delta} is not below 1/N = {1.0 / num_points:.3g} for N = {num_points} training "
                          "points; a delta that large allows leaking a whole point. Lower it (e.g. 1e-5)")
     q, steps = batch_size / num_points, epochs * (num_points // batch_size)
+    done = steps if epochs_done is None else epochs_done * (num_points // batch_size)
     if math.isinf(dp.epsilon):
-        return PrivacyBudget(math.inf, dp.delta, dp.epsilon, 0.0, q, steps, dp.max_grad_norm, dp.accountant)
+        return PrivacyBudget(math.inf, dp.delta, dp.epsilon, 0.0, q, done, dp.max_grad_norm, dp.accountant)
     _require_opacus()
     from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
@@ -124,9 +127,9 @@ def privacy_budget(dp: DPConfig, num_points: int, batch_size: int, epochs: int) 
         sigma = float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta, sample_rate=q, steps=steps,
                                            accountant=dp.accountant))
         acc = create_accountant(dp.accountant)
-        acc.history = [(sigma, q, steps)]
-        spent = float(acc.get_epsilon(dp.delta))
-    return PrivacyBudget(spent, dp.delta, dp.epsilon, sigma, q, steps, dp.max_grad_norm, dp.accountant)
+        acc.history = [(sigma, q, done)]
+        spent = float(acc.get_epsilon(dp.delta)) if done else 0.0
+    return PrivacyBudget(spent, dp.delta, dp.epsilon, sigma, q, done, dp.max_grad_norm, dp.accountant)
 
 
 def poisson_batch(indices: torch.Tensor, sample_rate: float, seed: int, step: int) -> torch.Tensor:

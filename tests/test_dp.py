@@ -109,6 +109,8 @@ def test_poisson_sampling_and_accounting():
         loose = privacy_budget(DPConfig(1.0, accountant=acc), 500, 100, 30)
         assert 0.95 * 8 <= tight.epsilon <= 8.0 and 0.95 <= loose.epsilon <= 1.0
         assert loose.noise_multiplier > tight.noise_multiplier > 0 and tight.steps == 150 and tight.sample_rate == 0.2
+        half = privacy_budget(DPConfig(8.0, accountant=acc), 500, 100, 30, epochs_done=15)  # a checkpoint part-way
+        assert half.noise_multiplier == tight.noise_multiplier and half.steps == 75 and half.epsilon < tight.epsilon
     free = privacy_budget(DPConfig(math.inf), 500, 100, 30)
     assert free.noise_multiplier == 0.0 and math.isinf(free.epsilon)
     with pytest.raises(ValueError, match="not below 1/N"):

@@ -481,8 +481,16 @@ def stage_export(cfg: RunConfig, progress: bool = True, data: Data | None = None
     images, _ = _data(cfg, progress, data)
     f, g = build_twins(cfg, images)
     load_checkpoint_weights(ckpt, [f, g])
-    saved = {name: save_trained(run, name, m, cfg, images) for name, m in (("f", f), ("g", g))}
-    return {"stage": "export", "checkpoint": str(ckpt), "models": saved}
+    dp = None
+    if cfg.train.dp is not None:  # the privacy spent up to this checkpoint
+        from ..dp import privacy_budget
+        from ..train import read_state
+
+        state = read_state(ckpt) or {}
+        n = cfg.split.shared + cfg.split.candidates
+        dp = privacy_budget(cfg.train.dp, n, cfg.train.batch_size, cfg.train.epochs, state.get("epoch")).to_dict()
+    saved = {name: save_trained(run, name, m, cfg, images, dp=dp) for name, m in (("f", f), ("g", g))}
+    return {"stage": "export", "checkpoint": str(ckpt), "models": saved, **({"dp": dp} if dp else {})}
 
 
 # ---------------------------------------------------------------------------- report
