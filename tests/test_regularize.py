@@ -109,3 +109,15 @@ def test_trainer_regularizer_aligns_the_views_and_lambda_zero_changes_nothing():
     before, after = _views_penalty(plain, images), _views_penalty(strong, images)
     assert after < 0.7 * before, (before, after)  # new views of the same images align better (measured: 0.083 -> 0.042)
     assert all(s > p for s, p in zip(l_strong, l_plain, strict=True))  # the loss carries the penalty
+
+
+def test_trainer_regularizer_with_dino_and_simsiam_sees_the_students_views():
+    images = (torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    for method in ("dino", "simsiam"):
+        torch.manual_seed(0)
+        enc = build_encoder("resnet9")
+        cfg = TrainConfig(method=method, epochs=1, batch_size=16, lr=1e-3, views=ViewConfig(preset="weak", seed=3),
+                          align_reg={"lambda": 1.0, "distance": "cosine"})
+        losses = train_ssl(enc, images, torch.arange(32), cfg, progress=False)
+        assert all(math.isfinite(v) for v in losses)
+        assert not any(m._forward_hooks for m in enc.modules())
