@@ -71,7 +71,7 @@ def test_table_is_the_mean_and_t_interval_of_the_cells(swept):
             assert row[metric]["mean"] == pytest.approx(vals.mean(), abs=1e-12), metric
             assert row[metric]["ci95"] == pytest.approx(half, abs=1e-12), metric
     md = (Path(cfg.output) / "sweep.md").read_text()
-    assert "`train.align_reg.lambda`" in md and "LayerMem res6" in md
+    assert "`train.align_reg.lambda`" in md and "LayerMem res6" in md and "UnitMem median" in md
     acc0 = doc["rows"][0]["linear_acc"]
     assert f"{acc0['mean'] * 100:.2f} ± {acc0['ci95'] * 100:.2f}" in md
 

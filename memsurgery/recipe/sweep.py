@@ -93,7 +93,8 @@ def _interval(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, len(vals) - 1)) * sd / math.sqrt(len(vals))
 
 
-_CELL_FORMAT = 2
+_CELL_FORMAT = 3
+_DEEPEST = 3
 _KEEP = ("sslmem/", "ttest_p/", "layermem/", "delta_layermem/", "unitmem_mean/", "unitmem_median/",
          "unitmem_frac_above_", "classmem_mean/")
 
@@ -127,7 +128,8 @@ def _cell(cfg: RunConfig, progress: bool, data: Any) -> dict[str, Any]:
         for name, r in rep["strategies"].items():
             retrain[f"retrain_acc/{name}"] = r["accuracy"]["linear_acc"]
             retrain[f"retrain_removed_sslmem/{name}"] = r["removed_sslmem_mean"]
-    cell = {"format": _CELL_FORMAT, "recipe": digest, "seconds": summary["seconds"], "linear_acc": acc["linear_acc"],
+    cell = {"format": _CELL_FORMAT, "recipe": digest, "seconds": summary["seconds"], "layers": list(summary["layers"]),
+            "linear_acc": acc["linear_acc"],
             **({"dp/epsilon": summary["dp"]["epsilon"]} if summary.get("dp") else {}),
             **{k: v for k, v in final.items() if k.startswith(_KEEP)}, **retrain}
     atomic_text(cached, json.dumps(cell, indent=2))
@@ -151,7 +153,10 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     table = _table(sw, results)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"sweep": {**dataclasses.asdict(sw), "params": list(sw.params)}, "rows": table, "cells": results, "seconds": round(time.perf_counter() - t0, 1)}
+    first = next(iter(results.values()))[0]
+    doc = {"sweep": {**dataclasses.asdict(sw), "params": list(sw.params)}, "rows": table, "cells": results,
+           "layers": first["layers"], "seconds": round(time.perf_counter() - t0, 1),
+           "cell_seconds": round(sum(c["seconds"] for cells in results.values() for c in cells), 1)}
     atomic_text(out / "sweep.json", json.dumps(doc, indent=2))
     atomic_text(out / "sweep.md", format_sweep(doc))
     return doc
@@ -160,7 +165,7 @@ def run_sweep(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 def _table(sw: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for key, cells in results.items():
-        metrics = sorted({k for c in cells for k in c if k not in ("seed", "recipe", "seconds", "format")})
+        metrics = sorted({k for c in cells for k in c if k not in ("seed", "recipe", "seconds", "format", "layers")})
         row: dict[str, Any] = {"value": json.loads(key), "seeds": [c["seed"] for c in cells]}
         for m in metrics:
             mean, half = _interval([float(c.get(m, math.nan)) for c in cells])
@@ -181,21 +186,24 @@ def format_sweep(doc: dict[str, Any]) -> str:
     """``sweep.md``: one row per value (mean ± 95% t-interval over the seeds)."""
     sw, rows = doc["sweep"], doc["rows"]
     label = " + ".join(f"`{p}`" for p in sw["params"])
-    layers = [k.split("/", 1)[1] for k in rows[0] if k.startswith("layermem/")] if rows else []
+    all_layers = [layer for layer in doc["layers"] if rows and f"layermem/{layer}" in rows[0]]
+    layers = all_layers[-_DEEPEST:]  # the deepest points; every layer's value is in sweep.json
     units = [k.split("/", 1)[1] for k in rows[0] if k.startswith("unitmem_mean/")] if rows else []
     dp = any("dp/epsilon" in r for r in rows)
     head = [sw["params"][0] if len(sw["params"]) == 1 else "value", *(["epsilon spent"] if dp else []), "linear acc (%)",
             "SSLMem' candidates", "shared", "independent", *(f"LayerMem {layer}" for layer in layers),
-            "UnitMem (mean of layers)"]
+            "UnitMem median (mean of layers)"]
     lines = [f"# Sweep of {label}", "",
              f"{len(sw['seeds'])} seeds ({', '.join(map(str, sw['seeds']))}) per value: each a new split and "
              "initialization (`split.seed` = `train.seed` = seed). Values: mean ± the half-width of the 95% "
              "t-interval over the seeds. SSLMem' is the final layer's (METRICS.md §2); the linear probe is f's, on "
-             f"the recipe's `surgery.evaluate` split. Wall time: {doc['seconds']:.0f} s.", "",
+             f"the recipe's `surgery.evaluate` split. LayerMem: the {len(layers)} deepest of {len(all_layers)} "
+             "layers. UnitMem: the median (means of signed units can leave [0, 1], docs/metrics.md). The cells' runs "
+             f"took {doc['cell_seconds']:.0f} s in all (this invocation: {doc['seconds']:.0f} s).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        unit_means = [r[f"unitmem_mean/{u}"]["mean"] for u in units if f"unitmem_mean/{u}" in r]
-        unit = f"{sum(unit_means) / len(unit_means):.3f}" if unit_means else "—"
+        medians = [r[f"unitmem_median/{u}"]["mean"] for u in units if f"unitmem_median/{u}" in r]
+        unit = f"{sum(medians) / len(medians):.3f}" if medians else "—"
         cells = [json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"],
                  *([_fmt(r.get("dp/epsilon"), digits=2)] if dp else []), _fmt(r.get("linear_acc"), 100, 2), _fmt(r.get("sslmem/candidates"), digits=4),
                  _fmt(r.get("sslmem/shared"), digits=4), _fmt(r.get("sslmem/independent"), digits=4),
