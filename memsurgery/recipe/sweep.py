@@ -95,6 +95,7 @@ def _interval(values: list[float]) -> tuple[float, float]:
 
 _CELL_FORMAT = 3
 _DEEPEST = 3
+_PER_LAYER = 12
 _KEEP = ("sslmem/", "ttest_p/", "layermem/", "delta_layermem/", "unitmem_mean/", "unitmem_median/",
          "unitmem_frac_above_", "classmem_mean/")
 
@@ -209,6 +210,14 @@ def format_sweep(doc: dict[str, Any]) -> str:
                  _fmt(r.get("sslmem/shared"), digits=4), _fmt(r.get("sslmem/independent"), digits=4),
                  *(_fmt(r.get(f"layermem/{layer}"), digits=4) for layer in layers), unit]
         lines.append("| " + " | ".join(cells) + " |")
+    shown = all_layers[-_PER_LAYER:]
+    if len(shown) > len(layers):
+        lines += ["", f"LayerMem per layer ({'every layer' if len(shown) == len(all_layers) else f'the {len(shown)} deepest'}"
+                  "), mean over the seeds:", "", "| value | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for r in rows:
+            value = json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"]
+            lines.append(f"| {value} | " + " | ".join(
+                "—" if (e := r.get(f"layermem/{layer}")) is None else f"{e['mean']:+.4f}" for layer in shown) + " |")
     if units:
         lines += ["", "UnitMem per layer (mean / median / fraction of units above 0.5), mean over the seeds:", "",
                   "| value | " + " | ".join(units) + " |", "|---|" + "---|" * len(units)]
