@@ -124,3 +124,11 @@ def test_a_sweep_over_seeds_tabulates_the_retrain_stage(tmp_path):
                 ["strategies"][strategy]["accuracy"]["linear_acc"] for s in (0, 1)]
         assert row[f"retrain_acc/{strategy}"]["mean"] == pytest.approx(sum(accs) / 2, abs=1e-12)
     assert "without top" in (tmp_path / "sw" / "sweep.md").read_text()
+    # a sweep stopped after a cell's training but before its stage: the stage runs, training does not
+    cell = tmp_path / "sw" / "surgery.retrain.k=5" / "seed1"
+    (cell / "sweep_cell.json").unlink()
+    (cell / "reports" / "retrain.json").unlink()
+    stamp = (cell / "f.safetensors").stat().st_mtime_ns
+    again = run_sweep(load_recipe(path), progress=False)
+    assert (cell / "reports" / "retrain.json").exists() and (cell / "f.safetensors").stat().st_mtime_ns == stamp
+    assert again["rows"] == doc["rows"]

@@ -119,6 +119,12 @@ def _cell(cfg: RunConfig, progress: bool, data: Any) -> dict[str, Any]:
             summary = json.loads((run.root / "summary.json").read_text())
     if summary is None:
         summary = run_recipe(cfg, progress=progress)
+    else:  # a finished training whose stages may not have run (a sweep stopped in between): run those
+        from .stages import run_stage
+
+        for stage in cfg.surgery.stages:
+            if not (run.report_path(stage) if stage != "report" else run.root / "report.json").exists():
+                run_stage(stage, cfg, progress=progress, data=data)
     f, _ = run.load("f")
     acc = Evaluator.of(cfg, data)(f)
     final = summary["final"]
