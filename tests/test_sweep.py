@@ -70,6 +70,12 @@ def test_table_is_the_mean_and_t_interval_of_the_cells(swept):
             half = stats.t.ppf(0.975, len(vals) - 1) * vals.std(ddof=1) / math.sqrt(len(vals))
             assert row[metric]["mean"] == pytest.approx(vals.mean(), abs=1e-12), metric
             assert row[metric]["ci95"] == pytest.approx(half, abs=1e-12), metric
+    first = {c["seed"]: c for c in doc["cells"][json.dumps(doc["rows"][0]["value"])]}
+    second = doc["cells"][json.dumps(doc["rows"][1]["value"])]
+    diffs = np.array([c["linear_acc"] - first[c["seed"]]["linear_acc"] for c in second])
+    paired = doc["rows"][1]["paired_vs_first"]["linear_acc"]
+    assert paired["mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+    assert paired["ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * diffs.std(ddof=1) / math.sqrt(2), abs=1e-12)
     md = (Path(cfg.output) / "sweep.md").read_text()
     assert "`train.align_reg.lambda`" in md and "LayerMem res6" in md and "UnitMem median" in md
     acc0 = doc["rows"][0]["linear_acc"]

@@ -96,6 +96,7 @@ def _interval(values: list[float]) -> tuple[float, float]:
 _CELL_FORMAT = 3
 _DEEPEST = 3
 _PER_LAYER = 12
+_PAIRED = ("linear_acc", "sslmem/candidates", "sslmem/shared", "sslmem/independent")
 _KEEP = ("sslmem/", "ttest_p/", "layermem/", "delta_layermem/", "unitmem_mean/", "unitmem_median/",
          "unitmem_frac_above_", "classmem_mean/")
 
@@ -178,6 +179,19 @@ def _table(sw: SweepConfig, results: dict[str, list[dict[str, Any]]]) -> list[di
             mean, half = _interval([float(c.get(m, math.nan)) for c in cells])
             row[m] = {"mean": mean, "ci95": half}
         rows.append(row)
+    # paired by seed: each value against the first (the same seed shares its split and initialization)
+    base = {c["seed"]: c for c in next(iter(results.values()))}
+    for row, cells in zip(rows[1:], list(results.values())[1:], strict=True):
+        row["paired_vs_first"] = {
+            m: dict(zip(("mean", "ci95"), _interval([float(c[m]) - float(base[c["seed"]][m]) for c in cells
+                                                     if c["seed"] in base and m in c and m in base[c["seed"]]]), strict=True))
+            for m in _PAIRED if any(m in c for c in cells)}
+    for row, cells in zip(rows, results.values(), strict=True):  # retrain: the strategies against each other
+        if all("retrain_acc/top" in c for c in cells):
+            row["retrain_paired"] = {
+                f"top - {other}": dict(zip(("mean", "ci95"), _interval(
+                    [c["retrain_acc/top"] - c[f"retrain_acc/{other}"] for c in cells]), strict=True))
+                for other in ("random", "low") if all(f"retrain_acc/{other}" in c for c in cells)}
     return rows
 
 
@@ -234,7 +248,20 @@ def format_sweep(doc: dict[str, Any]) -> str:
 
             value = json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"]
             lines.append(f"| {value} | " + " | ".join(per(u) for u in units) + " |")
-    strategies = [k.split("/", 1)[1] for k in rows[0] if k.startswith("retrain_acc/")] if rows else []
+    paired = [r for r in rows if r.get("paired_vs_first")]
+    if paired:
+        first = rows[0]["value"]
+        lines += ["", f"Paired by seed, each value minus {json.dumps(first) if not isinstance(first, str) else first} "
+                  "(mean ± 95% t-interval of the per-seed differences; an interval that excludes 0 is a measured effect):",
+                  "", "| value | linear acc (points) | SSLMem' candidates | shared | independent |", "|---|---|---|---|---|"]
+        for r in paired:
+            d = r["paired_vs_first"]
+            value = json.dumps(r["value"]) if not isinstance(r["value"], str) else r["value"]
+            lines.append(f"| {value} | {_fmt(d.get('linear_acc'), 100, 2)} | {_fmt(d.get('sslmem/candidates'), digits=4)} "
+                         f"| {_fmt(d.get('sslmem/shared'), digits=4)} | {_fmt(d.get('sslmem/independent'), digits=4)} |")
+    order = {"top": 0, "random": 1, "low": 2}
+    strategies = sorted((k.split("/", 1)[1] for k in rows[0] if k.startswith("retrain_acc/")) if rows else [],
+                        key=lambda name: order.get(name, 3))
     if strategies:
         lines += ["", "Remove and retrain: f retrained without k candidates chosen by SSLMem' (linear-probe accuracy %, "
                   "and the mean SSLMem' of the removed points):", "",
@@ -245,6 +272,8 @@ def format_sweep(doc: dict[str, Any]) -> str:
             lines.append(f"| {value} | {_fmt(r.get('linear_acc'), 100, 2)} | " + " | ".join(
                 f"{_fmt(r.get(f'retrain_acc/{s}'), 100, 2)} (SSLMem' {_fmt(r.get(f'retrain_removed_sslmem/{s}'))})"
                 for s in strategies) + " |")
+            for name, e in (r.get("retrain_paired") or {}).items():
+                lines.append(f"| | {name}, paired by seed (points) | {_fmt(e, 100, 2)} |" + " |" * (len(strategies) - 1))
     lines += ["", "Per-cell values (and ClassMem, ΔLayerMem, t-test p-values): `sweep.json`; each run's own files: "
               "`<output>/<param>=<value>/seed<seed>/`.", ""]
     return "\n".join(lines)
