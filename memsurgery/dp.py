@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["DP_METHODS", "DPConfig", "DPStep", "PrivacyBudget", "check_dp", "make_dp_compatible", "poisson_batch",
+__all__ = ["DP_METHODS", "DPConfig", "DPStep", "PrivacyBudget", "check_dp", "dp_problems", "make_dp_compatible", "poisson_batch",
            "privacy_budget"]
 
 DP_METHODS: tuple[str, ...] = ("mae",)
@@ -139,16 +139,40 @@ def poisson_batch(indices: torch.Tensor, sample_rate: float, seed: int, step: in
     return indices[torch.rand(indices.numel(), generator=gen) < sample_rate]
 
 
+def dp_problems(model: nn.Module) -> list[str]:
+    """The layers of ``model`` that DP-SGD cannot train, one line each, named by module path.
+
+    Opacus' validators match layers by exact type, so a *subclass* of BatchNorm (timm's
+    ``BatchNormAct2d``, a user's own) passes them unchanged and would void the guarantee
+    silently; here any ``_BatchNorm`` is reported, whatever its class."""
+    _require_opacus()
+    from opacus.validators import ModuleValidator
+
+    problems = []
+    for name, sub in model.named_modules():
+        label = f"{name or '<model>'} ({type(sub).__name__})"
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            problems.append(f"{label}: a BatchNorm (sub)class; its batch statistics mix the points of a batch")
+        elif type(sub) in ModuleValidator.VALIDATORS and any(p.requires_grad for p in sub.parameters(recurse=False)):
+            problems += [f"{label}: {e}" for e in ModuleValidator.VALIDATORS[type(sub)](sub)]
+    return problems
+
+
+def _refuse(problems: list[str], what: str) -> None:
+    if problems:
+        raise ValueError(f"{what}:\n  - " + "\n  - ".join(problems)
+                         + "\nreplace these layers (BatchNorm -> GroupNorm; timm: norm_layer=nn.GroupNorm) and build "
+                           "the model again")
+
+
 def make_dp_compatible(model: nn.Module) -> nn.Module:
-    """Opacus' ``ModuleValidator.fix`` (BatchNorm -> GroupNorm and the like); raises if layers that
-    Opacus refuses remain."""
+    """Opacus' ``ModuleValidator.fix`` (BatchNorm -> GroupNorm and the like), then
+    :func:`dp_problems`: raises ``ValueError`` naming every layer that ``fix`` left incompatible."""
     _require_opacus()
     from opacus.validators import ModuleValidator
 
     fixed = ModuleValidator.fix(model)
-    errors = ModuleValidator.validate(fixed, strict=False)
-    if errors:
-        raise ValueError(f"the model is not DP-compatible after ModuleValidator.fix: {errors}")
+    _refuse(dp_problems(fixed), "the model is not DP-compatible after Opacus' ModuleValidator.fix")
     return fixed
 
 
@@ -198,6 +222,8 @@ class DPStep:
         _require_opacus()
         from opacus.optimizers import DPOptimizer
 
+        _refuse(dp_problems(objective), "DP-SGD cannot train this model (memsurgery.dp.make_dp_compatible "
+                                        "repairs what Opacus can)")
         self.objective, self.seed = objective, seed
         self.noise = torch.Generator()
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=budget.noise_multiplier,

@@ -183,3 +183,37 @@ def test_dp_recipe_reports_and_logs_the_epsilon_spent(tmp_path):
     b, _ = load_model(tmp_path / "again" / "f.safetensors")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+
+
+def test_a_layer_fix_cannot_repair_is_named():
+    from timm.layers import BatchNormAct2d
+
+    from memsurgery.dp import dp_problems, make_dp_compatible
+
+    # Opacus matches exact types: timm's BatchNormAct2d (a BatchNorm2d subclass) passes its validator
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Sequential(BatchNormAct2d(4)))
+    with pytest.raises(ValueError, match=r"(?s)1\.0 \(BatchNormAct2d\).*GroupNorm"):
+        make_dp_compatible(model)
+    assert dp_problems(make_dp_compatible(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))) == []
+    # DPStep checks the objective it is given, before any step
+    objective = _mae()
+    objective.encoder.extra = BatchNormAct2d(4)
+    opt = torch.optim.SGD(objective.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"encoder\.extra \(BatchNormAct2d\)"):
+        DPStep(objective, opt, privacy_budget(DPConfig(8.0), 500, 100, 30), 100, 0)
+
+
+def test_bad_dp_and_regularizer_settings_exit_2_before_training(tmp_path, capsys):
+    import yaml
+
+    from memsurgery.cli import main
+
+    quick = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    for extra, match in (({"dp": {"epsilon": 8}}, "couples the points"), ({"align_reg": {"lambda": -1}}, "lambda"),
+                         ({"method": "mae", "dp": {"epsilon": 0}}, "epsilon")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"extends": str(quick), "train": extra, "output": str(tmp_path / "out")}))
+        assert main(["run", str(path), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert match in err, err
+        assert not (tmp_path / "out").exists()

@@ -10,7 +10,10 @@ import yaml
 
 from memsurgery.recipe import RunConfig, load_recipe, run_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(ROOT.rglob("*.yaml"), key=lambda p: p.relative_to(ROOT).as_posix())
+QUICKSTART = ROOT / "quickstart.yaml"
+_ID = lambda p: p.relative_to(ROOT).with_suffix("").as_posix()  # noqa: E731
 
 
 def test_there_are_recipes_for_every_method():
@@ -18,7 +21,7 @@ def test_there_are_recipes_for_every_method():
     assert methods == {"simclr", "simsiam", "dino", "mae"}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RECIPES, ids=_ID)
 def test_recipe_states_runtime_and_result(path):
     text = path.read_text()
     assert "Expected runtime" in text and "Expected result" in text
@@ -29,15 +32,26 @@ def _extends(path: Path) -> Path | None:
     return (path.parent / base).resolve() if base else None
 
 
-# recipes that only add surgery stages to another recipe's training run on one shared tiny run below
-TRAINING = [p for p in RECIPES if _extends(p) is None and load_recipe(p).data.name == "digits"]
-STAGE_RECIPES = [p for p in RECIPES if _extends(p) is not None]
+# sweep recipes run many trainings: tests/test_sweep.py checks them (and runs a small sweep)
+SWEEPS = [p for p in RECIPES if load_recipe(p).sweep is not None]
+# recipes that only add surgery stages to the quickstart's training run on one shared tiny run below
+STAGE_RECIPES = [p for p in RECIPES if p not in SWEEPS and _extends(p) == QUICKSTART.resolve()]
+# every other embedded-data recipe trains its own twins, in miniature
+TRAINING = [p for p in RECIPES if p not in SWEEPS and p not in STAGE_RECIPES and load_recipe(p).data.name == "digits"]
+
+
+def test_every_recipe_is_checked_by_one_test():
+    assert SWEEPS and STAGE_RECIPES and TRAINING
+    others = [p for p in RECIPES if p not in SWEEPS + STAGE_RECIPES + TRAINING]
+    assert all(load_recipe(p).data.name != "digits" for p in others)  # CIFAR-10 recipes need ../shared/data
 
 
 def _miniature(cfg: RunConfig, output: Path) -> RunConfig:
     s = cfg.surgery
     if s.finetune is not None:
         s = dataclasses.replace(s, finetune=dataclasses.replace(s.finetune, epochs=1))
+    if s.retrain is not None:  # the miniature has 10 candidates
+        s = dataclasses.replace(s, retrain=dataclasses.replace(s.retrain, k=min(s.retrain.k, 3)))
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, max_points=400),
@@ -50,7 +64,7 @@ def _miniature(cfg: RunConfig, output: Path) -> RunConfig:
     )
 
 
-@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", TRAINING, ids=_ID)
 def test_recipe_runs_in_miniature(path, tmp_path):
     cfg = _miniature(load_recipe(path), tmp_path)
     summary = run_recipe(cfg, progress=False)
@@ -68,17 +82,19 @@ def test_recipe_runs_in_miniature(path, tmp_path):
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    cfg = _miniature(load_recipe(RECIPES[0].parent / "quickstart.yaml"), out)
+    cfg = _miniature(load_recipe(QUICKSTART), out)
     run_recipe(dataclasses.replace(cfg, surgery=dataclasses.replace(cfg.surgery, stages=())), progress=False)
     return out
 
 
-@pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", STAGE_RECIPES, ids=_ID)
 def test_stage_recipe_runs_on_its_base_run(path, quickstart_run):
     from memsurgery.recipe import run_stage
 
-    assert _extends(path) == (path.parent / "quickstart.yaml").resolve()
     cfg = _miniature(load_recipe(path), quickstart_run)
+    base = _miniature(load_recipe(QUICKSTART), quickstart_run)
+    # a stage recipe must not change what trains the twins, or the shared run would be the wrong one
+    assert (cfg.data, cfg.split, cfg.train, cfg.model) == (base.data, base.split, base.train, base.model)
     assert cfg.surgery.stages, f"{path.name} lists no stage"
     for stage in cfg.surgery.stages:
         report = run_stage(stage, cfg, progress=False)
@@ -86,3 +102,7 @@ def test_stage_recipe_runs_on_its_base_run(path, quickstart_run):
             probe = report["linear_probe_after" if stage == "finetune" else "accuracy_after"]
             assert probe["linear_acc"] > 0.2  # far above chance (0.1): the encoder still works
             assert (quickstart_run / report["model"]["path"]).is_file()
+        if stage == "retrain":
+            for strategy, row in report["strategies"].items():
+                assert len(row["removed"]) == cfg.surgery.retrain.k and row["accuracy"]["linear_acc"] > 0.2
+                assert (quickstart_run / f"retrain_{strategy}.safetensors").is_file()

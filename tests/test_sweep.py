@@ -117,9 +117,15 @@ def test_bad_sweeps_fail_before_any_work(tmp_path, capsys):
     assert main(["prune", str(path)]) == 2 and "sweep recipe" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["align_reg_sweep.yaml", "ablations/augmentation.yaml", "ablations/weight_decay.yaml",
-                                  "ablations/distance.yaml", "ablations/candidates.yaml", "dp_sweep.yaml",
-                                  "remove_retrain_sweep.yaml"])
+SHIPPED_SWEEPS = sorted(p.relative_to(ROOT / "recipes").as_posix() for p in (ROOT / "recipes").rglob("*.yaml")
+                        if "\nsweep:" in p.read_text())
+
+
+def test_the_shipped_sweeps_are_found():
+    assert {"align_reg_sweep.yaml", "dp_sweep.yaml", "ablations/distance.yaml"} <= set(SHIPPED_SWEEPS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_SWEEPS)
 def test_shipped_sweep_recipes_load_and_check(name):
     cfg = load_recipe(ROOT / "recipes" / name)
     cells = sweep_variants(cfg)
