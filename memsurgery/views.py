@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PRESETS", "ViewConfig", "ViewParams", "apply_params", "apply_reference", "make_views",
-           "sample_params", "uniform"]  # fmt: skip
+__all__ = ["PRESETS", "ViewConfig", "ViewParams", "apply_params", "apply_reference", "make_many_views",
+           "make_views", "sample_params", "uniform"]  # fmt: skip
 
 PRESETS: tuple[str, ...] = ("weak", "normal", "strong", "independent", "masking")
 
@@ -115,11 +115,22 @@ def _index_numpy(index: torch.Tensor) -> np.ndarray:
     return index.detach().to("cpu", torch.int64).numpy()
 
 
-def _keys(seed: int, index: torch.Tensor, view: int) -> np.ndarray:
-    """One uint64 key per sample, a bijective mix of (seed, index[i], view)."""
+def _view_numpy(view: int | torch.Tensor, n: int) -> np.ndarray:
+    """The view id(s) as uint64: one for all samples (an int) or one per sample (a 1-D tensor)."""
+    if isinstance(view, torch.Tensor):
+        if view.ndim != 1 or view.dtype not in _INT_DTYPES or view.numel() != n:
+            raise ValueError(f"per-sample view ids must be a 1-D integer tensor of {n} entries (one per image), got "
+                             f"dtype {view.dtype} and shape {tuple(view.shape)}")
+        return view.detach().to("cpu", torch.int64).numpy().view(np.uint64)
+    return np.array([int(view) & _MASK64], dtype=np.uint64)
+
+
+def _keys(seed: int, index: torch.Tensor, view: int | torch.Tensor) -> np.ndarray:
+    """One uint64 key per sample, a bijective mix of (seed, index[i], view) (``view`` may be one
+    id per sample)."""
     idx = _index_numpy(index).view(np.uint64)
     seed_u = np.array([int(seed) & _MASK64], dtype=np.uint64)
-    view_u = np.array([int(view) & _MASK64], dtype=np.uint64)
+    view_u = _view_numpy(view, len(idx))
     with np.errstate(over="ignore"):
         key = _mix64(_mix64(seed_u ^ _SALT_SEED) + idx * _GOLDEN)
         return _mix64(key ^ _mix64(view_u ^ _SALT_VIEW))
@@ -236,7 +247,7 @@ def sample_params(
     preset: str,
     seed: int,
     index: torch.Tensor,
-    view: int,
+    view: int | torch.Tensor,
     size: tuple[int, int],
     *,
     mask_ratio: float = 0.5,
@@ -244,7 +255,8 @@ def sample_params(
 ) -> ViewParams:
     """Draw the parameters of view ``view`` of the images with dataset indices ``index``.
 
-    ``size`` is the (height, width) of the images. Row i depends only on (seed, index[i], view).
+    ``size`` is the (height, width) of the images. Row i depends only on (seed, index[i], view)
+    (``view[i]`` when ``view`` is a tensor of one view id per image).
     """
     preset = _check_preset(preset)
     _check_mask_args(mask_ratio, mask_patch)
@@ -592,12 +604,14 @@ def apply_reference(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
 
 
 def make_views(
-    images: torch.Tensor, index: torch.Tensor, view: int, config: ViewConfig
+    images: torch.Tensor, index: torch.Tensor, view: int | torch.Tensor, config: ViewConfig
 ) -> torch.Tensor:
     """One augmented view per image: uint8 [0, 255] or float [0, 1] [N, C, H, W] -> float32.
 
     Equal to ``apply_params(images01, sample_params(config.preset, config.seed, index, view,
-    images.shape[-2:], ...))``; image ``i`` gets the same bits alone or in any batch.
+    images.shape[-2:], ...))``; image ``i`` gets the same bits alone or in any batch. ``view`` is
+    one view id, or a tensor of one per image: several views of a batch then render in one call
+    (:func:`make_many_views`), with the same bits as one call per view.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError("images must be a [N, C, H, W] tensor")
@@ -614,6 +628,29 @@ def make_views(
         mask_ratio=config.mask_ratio, mask_patch=config.mask_patch,
     )  # fmt: skip
     return apply_params(x, params)
+
+
+def make_many_views(
+    images: torch.Tensor, index: torch.Tensor, views: Sequence[int], config: ViewConfig,
+    max_elements: int = 1 << 25,
+) -> list[torch.Tensor]:
+    """``[make_views(images, index, v, config) for v in views]``, rendered a few views per call
+    (as many as fit ``max_elements`` floats, at least one): fewer, larger vectorized ops, and the
+    same bits as the loop (every op is per sample)."""
+    views = [int(v) for v in views]
+    n = int(images.shape[0])
+    if not views or n == 0:
+        return [make_views(images, index, v, config) for v in views]
+    per_view = max(1, images[0].numel() * n)
+    group = max(1, min(len(views), max_elements // per_view))
+    out: list[torch.Tensor] = []
+    for start in range(0, len(views), group):
+        ids = views[start : start + group]
+        reps = len(ids)
+        many = make_views(images.repeat(reps, 1, 1, 1), index.repeat(reps),
+                          torch.tensor(ids, dtype=torch.int64).repeat_interleave(n), config)
+        out += list(many.split(n))
+    return out
 
 
 def normalizer(
