@@ -287,14 +287,15 @@ class LayerCapture:
 
 
 @contextmanager
-def probing(*models: nn.Module) -> Iterator[None]:
-    """Eval mode + ``torch.inference_mode()`` for the duration; every module's previous
-    ``training`` flag is restored afterwards, also on error (BatchNorm statistics stay untouched)."""
+def probing(*models: nn.Module, inference: bool = True) -> Iterator[None]:
+    """Eval mode + ``torch.inference_mode()`` (``inference=False``: ``torch.no_grad()``, which
+    FSDP2's parameter all-gathers need) for the duration; every module's previous ``training``
+    flag is restored afterwards, also on error (BatchNorm statistics stay untouched)."""
     saved = [(m, m.training) for model in models for m in model.modules()]
     try:
         for model in models:
             model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode() if inference else torch.no_grad():
             yield
     finally:
         for m, flag in saved:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -40,6 +40,8 @@ from .metrics.unit import check_options
 from .views import ViewConfig, normalizer
 
 PairMode = Literal["aug_aug", "clean_aug"]
+AMP_MODES: tuple[str | None, ...] = (None, "no", "bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LayerSpec = str | tuple[str, ...]
 
 
@@ -58,6 +60,14 @@ class ProbeConfig:
         ``normalize={"mean": ..., "std": ...}`` (e.g. lightly's ``IMAGENET_NORMALIZE``) or a
         ``(mean, std)`` pair says the same.
     layer_names: ``{path or tag: name}`` renames layers in the results (see ``families``).
+    amp: the forward passes under ``torch.autocast`` in ``"bf16"`` or ``"fp16"``, or ``"no"``;
+        None (default) takes accelerate's ``mixed_precision`` when an ``Accelerator`` exists in
+        the process, else ``"no"``. Distances, norms and unit means are computed in fp32 from the
+        layer outputs and accumulated in fp64 either way; the mode used is in the results' options.
+    prefetch: load and render the next batch's views in a background thread while the current
+        one runs (pinned memory and non-blocking copies on CUDA). None (default): on when the
+        probe runs on a CUDA device; off on CPU, where the thread competes with the forwards for
+        the cores and the GIL (measured slower, benchmarks/bench_probe.py). Only speed depends on it.
     """
 
     layers: LayerSpec = "auto"
@@ -75,10 +85,17 @@ class ProbeConfig:
     std: tuple[float, ...] | None = None
     normalize: Any = None
     layer_names: dict[str, str] | None = None
+    amp: str | None = None
+    prefetch: bool | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         check_distance(self.distance)
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(repr(m) for m in AMP_MODES)} (None: accelerate's "
+                             f"mixed_precision when an Accelerator is set up, else 'no'), got {self.amp!r}")
+        if self.prefetch not in (None, True, False):
+            raise ValueError(f"prefetch must be True, False or None (on for CUDA devices), got {self.prefetch!r}")
         check_options(self.unit_reduction, self.unit_activation)
         if self.pair_mode not in ("aug_aug", "clean_aug"):
             raise ValueError(f"pair_mode must be 'aug_aug' or 'clean_aug', got {self.pair_mode!r}")
@@ -109,7 +126,9 @@ class ProbeConfig:
             raise TypeError("layer_names must map layer names or paths (str) to new names (str)")
 
     def options(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("progress", "normalize")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("progress", "normalize", "prefetch")}
+        if d["amp"] is None:  # undecided (the probe records what it used): keeps older recipe digests valid
+            del d["amp"]
         d["views"] = asdict(self.views) if isinstance(self.views, ViewConfig) else describe_views(self.views)
         for key in ("layers", "unit_layers"):
             if isinstance(d[key], tuple):
@@ -257,15 +276,22 @@ class ProbeResult:
 
 
 # ---------------------------------------------------------------- data access
-def _load(data: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images [B, C, H, W] in [0, 1] (float32) and labels (or None) for dataset indices ``idx``."""
+def _as_unit_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _load(data: Any, idx: torch.Tensor, convert: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images [B, C, H, W] in [0, 1] (float32; ``convert=False``: uint8 images stay uint8, to be
+    converted on the device) and labels (or None) for dataset indices ``idx``."""
     from .probe_data import ProbeImages, check_images, to_image
 
     if isinstance(data, ProbeImages):
-        return data.take(idx)
+        if convert:
+            return data.take(idx)
+        return data.raw(idx), (data.labels[data.rows(idx)] if data.labels is not None else None)
     if isinstance(data, torch.Tensor):
         x = data[idx]
-        return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()), None
+        return (_as_unit_float(x) if convert else x), None
     imgs, labels = [], []
     for i in idx.tolist():
         item = data[i]
@@ -283,21 +309,22 @@ def _load(data: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
 def _unit_means(t: torch.Tensor) -> torch.Tensor:
     """Per-unit mean activation: conv [B, C, H, W] -> mean over H x W; tokens [B, T, D] -> mean over
     tokens; linear [B, D] as is."""
-    t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    # half-precision outputs (autocast) are reduced in float32 without a float32 copy of them
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
     if t.dim() == 4:
-        return t.mean(dim=(2, 3))
+        return t.mean(dim=(2, 3), dtype=acc)
     if t.dim() == 3:
-        return t.mean(dim=1)
+        return t.mean(dim=1, dtype=acc)
     if t.dim() == 2:
-        return t
+        return t.float() if acc is not None else t
     raise ValueError(f"cannot take per-unit means of an output of shape {tuple(t.shape)}")
 
 
 class _Pass:
     """What the hooks should compute during one forward pass."""
 
-    def __init__(self, batch: int, pair: bool, unit_halves: Sequence[int]) -> None:
-        self.batch, self.pair, self.unit_halves = batch, pair, tuple(unit_halves)
+    def __init__(self, batch: int, pair: bool, unit_halves: Sequence[int], careful: bool = False) -> None:
+        self.batch, self.pair, self.unit_halves, self.careful = batch, pair, tuple(unit_halves), careful
         self.dist: dict[str, torch.Tensor] = {}
         self.units: dict[str, list[torch.Tensor]] = {}
 
@@ -319,6 +346,7 @@ class ProbeState:
     classes: dict[str, ClassMemAccumulator]
     has_g: bool
     paths: dict[str, str] = field(default_factory=dict)
+    amp: str = "no"
 
     def merge(self, other: ProbeState) -> None:
         if other.layer_names != self.layer_names or other.unit_names != self.unit_names:
@@ -341,7 +369,7 @@ class ProbeState:
         return ProbeState(
             self.parents, self.layer_names, list(self.order), self.unit_names,
             {k: move(v) for k, v in self.align.items()}, {k: move(v) for k, v in self.units.items()},
-            {k: move(v) for k, v in self.classes.items()}, self.has_g, dict(self.paths),
+            {k: move(v) for k, v in self.classes.items()}, self.has_g, dict(self.paths), self.amp,
         )
 
 
@@ -400,7 +428,13 @@ def run_probe(
     if label_table is not None and label_table.numel() != n_data:
         raise ValueError(f"labels must give one label per dataset item ({n_data}), got {label_table.numel()}")
     rank, world = _world() if shard else (0, 1)
-    state = collect_probe(f, g, data, idx_all[rank::world], label_table, cfg, device)
+    run_f = model if _is_sharded(model) else f
+    run_g = reference if reference is not None and _is_sharded(reference) else g
+    sharded = _is_sharded(model) or (reference is not None and _is_sharded(reference))
+    lockstep = -(-idx_all.numel() // world) if sharded and world > 1 else None  # the most points a rank holds
+    cfg = replace(cfg, amp=resolve_amp(cfg))
+    state = collect_probe(f, g, data, idx_all[rank::world], label_table, cfg, device, run_f=run_f, run_g=run_g,
+                          lockstep=lockstep)
     if world > 1:
         import torch.distributed as dist
 
@@ -412,6 +446,107 @@ def run_probe(
     return _assemble(cfg, state)
 
 
+def resolve_amp(cfg: ProbeConfig) -> str:
+    """The autocast mode the probe uses: ``cfg.amp``, or (None) accelerate's ``mixed_precision``
+    when an ``Accelerator`` was created in this process, else ``"no"``."""
+    if cfg.amp is not None:
+        return cfg.amp
+    import sys
+
+    state_mod = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state_mod, "AcceleratorState", None), "_shared_state", None)
+    if shared:  # an Accelerator exists: follow its setting
+        mode = str(getattr(state_mod.AcceleratorState(), "mixed_precision", "no"))  # type: ignore[union-attr]
+        return mode if mode in _AMP_DTYPES else "no"
+    return "no"
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """FSDP (``FullyShardedDataParallel`` or ``fully_shard``): its forward gathers parameters, so
+    it must run through the wrapper, under ``no_grad`` (not ``inference_mode``), on every rank."""
+    fsdp = __import__("sys").modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return False
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if k)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """The model's 4-D weights are stored channels-last (``model.to(memory_format=...)``)."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+@dataclass
+class _Batch:
+    """One batch of probe points, ready on the device: images, labels and every view it needs."""
+
+    idx: torch.Tensor
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    views: dict[int, torch.Tensor]
+
+
+def _prepare(data: Any, idx: torch.Tensor, view_ids: Sequence[int], cfg: ProbeConfig, device: torch.device,
+             label_table: torch.Tensor | None) -> _Batch:
+    from .views import ViewConfig, make_many_views
+
+    x, item_labels = _load(data, idx, convert=False)
+    if device.type == "cuda" and x.device.type == "cpu":  # uint8 crosses the bus, 4x less than float
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = _as_unit_float(x.to(device))
+    if isinstance(cfg.views, ViewConfig):
+        rendered = make_many_views(x, idx, view_ids, cfg.views)
+    else:
+        rendered = [render(x, idx, v, cfg.views) for v in view_ids]
+    labels = label_table[idx] if label_table is not None else item_labels
+    return _Batch(idx, x, labels, dict(zip(view_ids, rendered, strict=True)))
+
+
+class _Prefetcher:
+    """Yields prepared batches; with ``ahead`` the next one is prepared in a background thread
+    (with the same torch thread count) while the caller works on the current one."""
+
+    def __init__(self, batches: Sequence[torch.Tensor], prepare: Any, ahead: bool) -> None:
+        self.batches, self.prepare, self.ahead = list(batches), prepare, ahead and len(batches) > 1
+
+    def __iter__(self) -> Any:
+        if not self.ahead:
+            for idx in self.batches:
+                yield self.prepare(idx)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memsurgery-probe-prefetch",
+                                  initializer=torch.set_num_threads, initargs=(threads,))
+        try:
+            pending = pool.submit(self.prepare, self.batches[0])
+            for i in range(len(self.batches)):
+                ready = pending.result()
+                if i + 1 < len(self.batches):
+                    pending = pool.submit(self.prepare, self.batches[i + 1])
+                yield ready
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rank_batches(idx: torch.Tensor, batch_size: int, lockstep: int | None) -> list[torch.Tensor]:
+    """Batches of ``idx``; with ``lockstep`` (the most points any rank holds) every rank gets the
+    same number of batches, as FSDP's collective forwards need."""
+    if not idx.numel() and lockstep is None:
+        return []
+    if lockstep is None:
+        return list(torch.split(idx, batch_size))
+    n = -(-lockstep // batch_size)
+    if idx.numel() < n:
+        raise ValueError(f"an FSDP model runs its forward on every rank together, but this rank has {idx.numel()} "
+                         f"probe point(s) for {n} batches; probe at least {n} points per rank (or use shard=False)")
+    return list(torch.tensor_split(idx, n))
+
+
 def collect_probe(
     f: nn.Module,
     g: nn.Module | None,
@@ -420,10 +555,17 @@ def collect_probe(
     label_table: torch.Tensor | None,
     cfg: ProbeConfig,
     device: torch.device | str | None = None,
+    *,
+    run_f: nn.Module | None = None,
+    run_g: nn.Module | None = None,
+    lockstep: int | None = None,
 ) -> ProbeState:
     """Run the probe passes over ``idx_all`` (this process's points, possibly none) and return
-    the accumulated, not yet assembled, state."""
+    the accumulated, not yet assembled, state. ``run_f`` / ``run_g``: the modules to call (an
+    FSDP wrapper) when they are not ``f`` / ``g`` themselves (whose submodules carry the hooks)."""
     same = g is f  # allowed: f is g gives LayerMem 0 everywhere (a sanity check)
+    run_f = run_f if run_f is not None else f
+    run_g = run_g if run_g is not None else g
     layer_ps = select_points(f, cfg.layers, cfg.layer_names)
     unit_ps = select_points(f, cfg.unit_layers, cfg.layer_names) if cfg.unit_layers is not None else None
     unit_names = unit_ps.labels if unit_ps is not None else ()
@@ -434,6 +576,8 @@ def collect_probe(
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     normalize = normalizer(cfg.mean, cfg.std, device)
+    amp = resolve_amp(cfg)
+    memory_format = torch.channels_last if _channels_last(f) else torch.contiguous_format
 
     layer_names = layer_ps.labels
     align = {"f": AlignmentAccumulator(layer_names), "g": AlignmentAccumulator(layer_names)}
@@ -447,10 +591,10 @@ def collect_probe(
             ps = current[which]
             b = ps.batch
             if ps.pair and point in layer_set:
-                ps.dist[point] = pair_distance(out[:b], out[b:], cfg.distance)
+                ps.dist[point] = _layer_distance(out, b, cfg.distance, ps.careful)
             if which == "f" and point in unit_set and ps.unit_halves:
-                m = _unit_means(out)
-                ps.units[point] = [m[h * b : (h + 1) * b].double() for h in ps.unit_halves]
+                m = _unit_means(out).double()
+                ps.units[point] = [m[h * b : (h + 1) * b] for h in ps.unit_halves]
 
         return cb
 
@@ -463,69 +607,121 @@ def collect_probe(
     def forward(which: str, net: nn.Module, cap: LayerCapture, x: torch.Tensor, ps: _Pass) -> _Pass:
         current[which] = ps
         cap.begin_pass()
-        net(normalize(x))
+        x = normalize(x).contiguous(memory_format=memory_format)
+        if amp in _AMP_DTYPES:
+            with torch.autocast(device.type, dtype=_AMP_DTYPES[amp]):
+                net(x)
+        else:
+            net(x)
         cap.end_pass()
         return ps
 
+    def pair_pass(which: str, net: nn.Module, cap: LayerCapture, x: torch.Tensor, ps: _Pass) -> tuple[_Pass, torch.Tensor]:
+        """A view-pair pass and its distances [B, layers], checked with one sync per pass: a
+        non-finite distance re-runs the pass through pair_distance's scaled path, and what is
+        still not finite there raises, naming the layers."""
+        ps = forward(which, net, cap, x, ps)
+        dist = _stacked(ps.dist, layer_names)
+        if not bool(torch.isfinite(dist).all()):
+            ps = forward(which, net, cap, x, _Pass(ps.batch, True, ps.unit_halves, careful=True))
+            dist = _stacked(ps.dist, layer_names)
+            bad = [n for j, n in enumerate(layer_names) if not bool(torch.isfinite(dist[:, j]).all())]
+            if bad:
+                who = "f" if which == "f" else "reference g"
+                raise ValueError(f"NaN or inf activations from {who} at layers {', '.join(bad)}; check the model and its inputs")
+        return ps, dist
+
     from tqdm.auto import tqdm
 
-    batches = list(torch.split(idx_all, cfg.batch_size)) if idx_all.numel() else []
+    pair_ids = list(range(2 * k_pairs if cfg.pair_mode == "aug_aug" else k_pairs))
+    view_ids = list(range(max(len(pair_ids), v_units if unit_names else 0)))
+    batches = _rank_batches(idx_all, cfg.batch_size, lockstep)
     models = (f,) if g is None or same else (f, g)
-    with probing(*models), cap_f, (cap_g if cap_g is not None else _null()):
-        for idx in tqdm(batches, desc="probe", unit="batch", disable=not cfg.progress):
-            x, item_labels = _load(data, idx)
-            x = x.to(device)
-            batch_labels = label_table[idx] if label_table is not None else item_labels
+    sharded = any(_is_sharded(m) for m in (run_f, run_g) if m is not None)
+    ahead = cfg.prefetch if cfg.prefetch is not None else device.type == "cuda"
+    feed = _Prefetcher(batches, lambda i: _prepare(data, i, view_ids, cfg, device, label_table), ahead)
+    with probing(*models, inference=not sharded), cap_f, (cap_g if cap_g is not None else _null()):
+        for batch in tqdm(feed, total=len(batches), desc="probe", unit="batch", disable=not cfg.progress):
+            idx, x, batch_labels, view = batch.idx, batch.x, batch.labels, batch.views
             b = idx.numel()
-
-            def view(v: int, x: torch.Tensor = x, idx: torch.Tensor = idx) -> torch.Tensor:
-                return render(x, idx, v, cfg.views)
-
             unit_sum = {u: torch.zeros(0) for u in unit_names}
             n_unit_views = 0
             # view pairs (one forward pass of 2B per encoder); unit views ride along
             for k in range(k_pairs):
                 if cfg.pair_mode == "aug_aug":
                     ids = (2 * k, 2 * k + 1)
-                    pair = torch.cat([view(ids[0]), view(ids[1])])
+                    pair = torch.cat([view[ids[0]], view[ids[1]]])
                     halves = [h for h, v in enumerate(ids) if v < v_units]
                 else:
                     ids = (-1, k)
-                    pair = torch.cat([x, view(k)])
+                    pair = torch.cat([x, view[k]])
                     halves = [1] if k < v_units else []
-                ps_f = forward("f", f, cap_f, pair, _Pass(b, True, halves))
+                ps_f, dist_f = pair_pass("f", run_f, cap_f, pair, _Pass(b, True, halves))
                 if not order:
                     order = list(cap_f.order)
                 dist_g = None
                 if same:
-                    dist_g = ps_f.dist
-                elif g is not None and cap_g is not None:
-                    dist_g = forward("g", g, cap_g, pair, _Pass(b, True, ())).dist
-                _check_finite(ps_f.dist, "f")
-                align["f"].update(idx, ps_f.dist)
+                    dist_g = dist_f
+                elif run_g is not None and cap_g is not None:
+                    dist_g = pair_pass("g", run_g, cap_g, pair, _Pass(b, True, ()))[1]
+                align["f"].update(idx, dist_f)
                 if dist_g is not None:
-                    _check_finite(dist_g, "reference g")
                     align["g"].update(idx, dist_g)
                 n_unit_views += _add_units(unit_sum, ps_f)
             # remaining unit views beyond those the pairs covered
-            covered = min(v_units, 2 * k_pairs if cfg.pair_mode == "aug_aug" else k_pairs)
+            covered = min(v_units, len(pair_ids))
             for v in range(covered, v_units if unit_names else 0):
-                ps_f = forward("f", f, cap_f, view(v), _Pass(b, False, [0]))
+                ps_f = forward("f", run_f, cap_f, view[v], _Pass(b, False, [0]))
                 n_unit_views += _add_units(unit_sum, ps_f)
             if unit_names:
                 if n_unit_views != v_units:
                     raise RuntimeError(f"internal error: {n_unit_views} unit views were averaged, expected {v_units}")
+                means = {u: unit_sum[u] / v_units for u in unit_names}
+                _check_finite(means, "f")
                 for u in unit_names:
-                    units[u].update(unit_sum[u] / v_units, idx)
+                    units[u].update(means[u], idx)
                 if batch_labels is not None:
-                    ps_f = forward("f", f, cap_f, x, _Pass(b, False, [0]))
+                    ps_f = forward("f", run_f, cap_f, x, _Pass(b, False, [0]))
+                    clean = {u: ps_f.units[u][0] for u in unit_names}
+                    _check_finite(clean, "f")
                     for u in unit_names:
-                        _check_finite({u: ps_f.units[u][0]}, "f")
-                        classes[u].update(ps_f.units[u][0], batch_labels.to(device), idx)
+                        classes[u].update(clean[u], batch_labels.to(device), idx)
     parents = None
     if layer_ps.parents is not None:
         parents = {layer_ps.tag(k): (layer_ps.tag(v) if v is not None else None) for k, v in layer_ps.parents.items()}
-    return ProbeState(parents, layer_names, order, unit_names, align, units, classes, g is not None, paths)
+    return ProbeState(parents, layer_names, order, unit_names, align, units, classes, g is not None, paths, amp)
+
+
+def _layer_distance(out: torch.Tensor, b: int, kind: str, careful: bool = False) -> torch.Tensor:
+    """Per-sample distance between the two halves of a layer output (views 1 and 2 of each point).
+
+    l2 (the default) runs on the whole [2B, ...] output without copies of it: one norm call for
+    both halves (r = 1 / max(||.||, eps)), then ||n(a) - n(b)|| = r_a ||a - (r_b / r_a) b|| with one
+    fused multiply-add (METRICS.md §2; the same value, float32 rounding aside). No sync: the caller
+    checks the pass's distances at once, and re-runs a pass with a non-finite one ``careful``ly,
+    through :func:`pair_distance`'s scaled path (as every other distance always does)."""
+    from .metrics.distance import EPS
+
+    if kind == "l2" and not careful and b > 0:
+        flat = out.reshape(out.shape[0], -1)
+        if not flat.is_floating_point():
+            flat = flat.float()
+        # half-precision outputs (autocast) are read as they are: the norms accumulate in float32
+        # and the multiply-add's float32 coefficient makes its result float32, without a float32
+        # copy of the whole output
+        acc = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else None
+        inv = torch.linalg.vector_norm(flat, dim=1, dtype=acc).clamp_min(EPS).reciprocal()
+        ra, rb = inv[:b], inv[b:]
+        diff = torch.addcmul(flat[:b], flat[b:], (rb / ra).neg_().unsqueeze(1))
+        return torch.linalg.vector_norm(diff, dim=1).mul_(ra)
+    return pair_distance(out[:b], out[b:], kind)
+
+
+def _stacked(dist: Mapping[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
+    missing = [n for n in layers if n not in dist]
+    if missing:
+        raise ValueError(f"no values for layers {', '.join(missing)}: the forward pass did not reach them")
+    return torch.stack([dist[n] for n in layers], dim=1)
 
 
 class _null:
@@ -537,7 +733,12 @@ class _null:
 
 
 def _check_finite(values: Mapping[str, torch.Tensor], which: str) -> None:
-    bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+    if not values:
+        return
+    ok = torch.stack([torch.isfinite(v).all() for v in values.values()])
+    if bool(ok.all()):  # one sync for all layers
+        return
+    bad = [k for k, fine in zip(values, ok.tolist(), strict=True) if not fine]
     if bad:
         raise ValueError(f"NaN or inf activations from {which} at layers {', '.join(bad)}; check the model and its inputs")
 
@@ -545,7 +746,6 @@ def _check_finite(values: Mapping[str, torch.Tensor], which: str) -> None:
 def _add_units(unit_sum: dict[str, torch.Tensor], ps: _Pass) -> int:
     added = 0
     for u, parts in ps.units.items():
-        _check_finite({u: torch.stack(parts)}, "f")
         for part in parts:
             unit_sum[u] = part if unit_sum[u].numel() == 0 else unit_sum[u] + part
         added = len(parts)
@@ -583,5 +783,5 @@ def _assemble(cfg: ProbeConfig, state: ProbeState) -> ProbeResult:
         indices=indices.cpu(), layers=fwd, parents=parents, final_layer=final,
         align_f=af.cpu(), align_g=None if ag is None else ag.cpu(), sslmem=None if ssl is None else ssl.cpu(),
         layermem=lm, delta_layermem=dlm, unit_layers=unit_names, unitmem=um, classmem=cm,
-        options={**cfg.options(), "layer_paths": dict(state.paths)}, collapsed=tuple(dict.fromkeys(collapsed)),
+        options={**cfg.options(), "amp": state.amp, "layer_paths": dict(state.paths)}, collapsed=tuple(dict.fromkeys(collapsed)),
     )

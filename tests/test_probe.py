@@ -326,23 +326,30 @@ def test_topk_restricted_layermem_overlap_and_kendall(twins, images):
     ("aug_aug", 3, 4, [(0, 1), (2, 3), (4, 5)], []),  # unit views 0..3 ride along with the pairs
     ("clean_aug", 2, 3, [(-1, 0), (-1, 1)], [2]),  # the clean image (-1) and view k
 ])
-def test_view_ids_are_those_docs_capture_md_states(monkeypatch, twins, images, mode, k, v, pairs, alone):
-    import memsurgery.probe as probe_mod
-
+def test_view_ids_are_those_docs_capture_md_states(twins, images, mode, k, v, pairs, alone):
     doc = (Path(__file__).resolve().parents[1] / "docs" / "capture.md").read_text()
     text = " ".join(doc.split())
     assert "for k = 0..K−1 makes views 2k and 2k+1" in text and "views 2K..V−1 (if V > 2K; K..V−1 with `clean_aug`)" in text
-    calls = []
-    real = probe_mod.render
+    from memsurgery.views import ViewConfig, make_views
 
-    def spy(x, idx, view, views):
-        calls.append(view)
-        return real(x, idx, view, views)
-
-    monkeypatch.setattr(probe_mod, "render", spy)
     f, g = twins
-    run_probe(f, images, range(4), reference=g, config=ProbeConfig(num_pairs=k, num_unit_views=v, pair_mode=mode,
-                                                                   progress=False))
-    made = [(calls[2 * i], calls[2 * i + 1]) for i in range(k)] if mode == "aug_aug" else [(-1, c) for c in calls[:k]]
+    cfg = ProbeConfig(num_pairs=k, num_unit_views=v, pair_mode=mode, progress=False)
+    idx = torch.arange(4)
+    x = images[idx].float() / 255.0
+    candidates = {-1: x, **{j: make_views(images[idx], idx, j, ViewConfig()) for j in range(12)}}
+    inputs: list[torch.Tensor] = []
+    handle = f.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
+    try:
+        run_probe(f, images, idx, reference=g, config=cfg)
+    finally:
+        handle.remove()
+
+    def which(t: torch.Tensor) -> int:
+        hits = [j for j, c in candidates.items() if torch.equal(c, t)]
+        assert len(hits) == 1, hits
+        return hits[0]
+
+    assert all(t.shape[0] in (4, 8) for t in inputs)
+    made = [(which(t[:4]), which(t[4:])) for t in inputs if t.shape[0] == 8]
     assert made == pairs
-    assert calls[2 * k if mode == "aug_aug" else k:] == alone
+    assert [which(t) for t in inputs if t.shape[0] == 4] == alone
