@@ -179,7 +179,8 @@ class Monitor:
             )
         dry = replace(cfg, num_pairs=1, num_unit_views=min(cfg.num_unit_views, 2), final_layer=None)
         try:
-            self.dry_result = run_probe(f, images, keys, reference=g, config=dry, shard=False)
+            # the model as given: an FSDP model's forward must run through its root wrapper
+            self.dry_result = run_probe(self.model, images, keys, reference=g, config=dry, shard=False)
         except (ValueError, TypeError, RuntimeError) as e:
             raise type(e)(f"the monitor's dry run (2 probe points through f{' and g' if g is not None else ''}) "
                           f"failed: {e}") from e
