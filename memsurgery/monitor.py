@@ -69,6 +69,7 @@ class Monitor:
         loggers: Any = None,
         thresholds: Sequence[float] = (0.5, 0.8),
         top_k: int = 16,
+        view_cache_mb: float | None = None,
     ) -> None:
         """Args:
             model: the encoder f being trained (e.g. ``model.backbone``; DDP / compile wrappers are fine).
@@ -86,6 +87,10 @@ class Monitor:
                 :class:`memsurgery.loggers.ProbeLogger` instances (``TensorBoardLogger(writer=...)``,
                 ``AccelerateLogger(accelerator)``, ...). See docs/logging.md.
             top_k: how many of the most memorized points a probe reports (with their images).
+            view_cache_mb: keep up to this many MB of rendered probe views between probes (the
+                same points get the same views every probe; see :mod:`memsurgery.view_cache`).
+                None (default): 256 MB when f is on the CPU, where rendering is ~10% of a probe
+                of small images; nothing on an accelerator, which renders them fast. 0: off.
 
         Everything a probe needs is checked here, before training goes on: the layers, the
         reference, the probe images, the views and the normalization, with one dry forward pass
@@ -94,6 +99,10 @@ class Monitor:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be >= 1 or None (probe only on compute), got {every_n_steps!r}")
+        from .view_cache import ViewCache
+
+        self._view_cache_mb = view_cache_mb
+        self._view_cache: ViewCache | None = ViewCache(view_cache_mb) if view_cache_mb is not None else None
         if not isinstance(probe, ProbeSet):
             raise TypeError(f"probe must be a memsurgery.ProbeSet, got {type(probe).__name__}; build one with "
                             "ProbeSet(images, candidates, controls) or ProbeSet.from_datasets(train, candidates, never_seen=...)")
@@ -268,6 +277,21 @@ class Monitor:
             lg.finish()
 
     # ------------------------------------------------------------------ probing
+    def _views_cache(self) -> Any:
+        """The monitor's view cache for this probe (a new round of it), or None when off."""
+        if self._view_cache is None and self._view_cache_mb is None:
+            from .view_cache import ViewCache
+
+            p = next(self.model.parameters(), None)
+            on_cpu = p is None or p.device.type == "cpu"
+            self._view_cache_mb = 256.0 if on_cpu else 0.0
+            self._view_cache = ViewCache(self._view_cache_mb)
+        cache = self._view_cache
+        if cache is None or cache.max_bytes == 0:
+            return None
+        cache.new_round()
+        return cache
+
     def probe_now(self) -> dict[str, float]:
         """Probe now (collective). With g's checkpoints as reference, the one nearest to the
         current step is loaded first (``references`` records which); when it must be skipped
@@ -280,11 +304,13 @@ class Monitor:
             if g is None:
                 return {}
         t0 = time.perf_counter()
-        cand = run_probe(self.model, p.images, p.candidates, reference=g, config=self.config)
+        cache = self._views_cache()
+        cand = run_probe(self.model, p.images, p.candidates, reference=g, config=self.config, view_cache=cache)
         ctl = None
         if p.controls:
             ctl_idx = torch.cat(list(p.controls.values()))
-            ctl = run_probe(self.model, p.images, ctl_idx, reference=g, config=replace(self.config, unit_layers=None))
+            ctl = run_probe(self.model, p.images, ctl_idx, reference=g, config=replace(self.config, unit_layers=None),
+                            view_cache=cache)
         metrics = self._metrics(cand, ctl)
         if info is not None:
             metrics["reference/step"] = float(info["step"]) if info.get("step") is not None else float("nan")

@@ -37,6 +37,7 @@ from .metrics import (
 )
 from .metrics.distance import check_distance
 from .metrics.unit import check_options
+from .view_cache import ViewCache
 from .views import ViewConfig, normalizer
 
 PairMode = Literal["aug_aug", "clean_aug"]
@@ -392,6 +393,7 @@ def run_probe(
     config: ProbeConfig | None = None,
     device: torch.device | str | None = None,
     shard: bool = True,
+    view_cache: ViewCache | None = None,
 ) -> ProbeResult:
     """Probe encoder ``model`` (f) on the points ``indices`` of ``data``.
 
@@ -403,6 +405,9 @@ def run_probe(
     Under ``torch.distributed`` (e.g. ``accelerate launch``) with ``shard=True`` every rank must
     call this (it is collective): each probes its share of the points, the states are gathered
     and merged, and every rank returns the same result as one process probing all points.
+
+    ``view_cache``: a :class:`~memsurgery.view_cache.ViewCache` that keeps the rendered views of
+    these points for the next probe of them (a Monitor passes its own); only speed depends on it.
     """
     cfg = config or ProbeConfig()
     f = unwrap_model(model)
@@ -434,7 +439,7 @@ def run_probe(
     lockstep = -(-idx_all.numel() // world) if sharded and world > 1 else None  # the most points a rank holds
     cfg = replace(cfg, amp=resolve_amp(cfg))
     state = collect_probe(f, g, data, idx_all[rank::world], label_table, cfg, device, run_f=run_f, run_g=run_g,
-                          lockstep=lockstep)
+                          lockstep=lockstep, view_cache=view_cache)
     if world > 1:
         import torch.distributed as dist
 
@@ -487,22 +492,30 @@ class _Batch:
     x: torch.Tensor
     labels: torch.Tensor | None
     views: dict[int, torch.Tensor]
+    shared: bool = False  # the views belong to a ViewCache: not to be modified in place
 
 
 def _prepare(data: Any, idx: torch.Tensor, view_ids: Sequence[int], cfg: ProbeConfig, device: torch.device,
-             label_table: torch.Tensor | None) -> _Batch:
+             label_table: torch.Tensor | None, view_cache: ViewCache | None = None) -> _Batch:
     from .views import ViewConfig, make_many_views
 
     x, item_labels = _load(data, idx, convert=False)
+    key = None
+    if view_cache is not None and isinstance(cfg.views, ViewConfig):
+        key = view_cache.key(x, idx, view_ids, cfg.views, device)
     if device.type == "cuda" and x.device.type == "cpu":  # uint8 crosses the bus, 4x less than float
         x = x.pin_memory().to(device, non_blocking=True)
     x = _as_unit_float(x.to(device))
-    if isinstance(cfg.views, ViewConfig):
+    shared = False
+    if key is not None and view_cache is not None and isinstance(cfg.views, ViewConfig):
+        views = cfg.views
+        rendered, shared = view_cache.get_or_render(key, lambda: make_many_views(x, idx, view_ids, views))
+    elif isinstance(cfg.views, ViewConfig):
         rendered = make_many_views(x, idx, view_ids, cfg.views)
     else:
         rendered = [render(x, idx, v, cfg.views) for v in view_ids]
     labels = label_table[idx] if label_table is not None else item_labels
-    return _Batch(idx, x, labels, dict(zip(view_ids, rendered, strict=True)))
+    return _Batch(idx, x, labels, dict(zip(view_ids, rendered, strict=True)), shared)
 
 
 class _Prefetcher:
@@ -559,6 +572,7 @@ def collect_probe(
     run_f: nn.Module | None = None,
     run_g: nn.Module | None = None,
     lockstep: int | None = None,
+    view_cache: ViewCache | None = None,
 ) -> ProbeState:
     """Run the probe passes over ``idx_all`` (this process's points, possibly none) and return
     the accumulated, not yet assembled, state. ``run_f`` / ``run_g``: the modules to call (an
@@ -639,7 +653,7 @@ def collect_probe(
     models = (f,) if g is None or same else (f, g)
     sharded = any(_is_sharded(m) for m in (run_f, run_g) if m is not None)
     ahead = cfg.prefetch if cfg.prefetch is not None else device.type == "cuda"
-    feed = _Prefetcher(batches, lambda i: _prepare(data, i, view_ids, cfg, device, label_table), ahead)
+    feed = _Prefetcher(batches, lambda i: _prepare(data, i, view_ids, cfg, device, label_table, view_cache), ahead)
     with probing(*models, inference=not sharded), cap_f, (cap_g if cap_g is not None else _null()):
         for batch in tqdm(feed, total=len(batches), desc="probe", unit="batch", disable=not cfg.progress):
             idx, x, batch_labels, view = batch.idx, batch.x, batch.labels, batch.views
@@ -671,7 +685,9 @@ def collect_probe(
             # remaining unit views beyond those the pairs covered
             covered = min(v_units, len(pair_ids))
             for v in range(covered, v_units if unit_names else 0):
-                ps_f = forward("f", run_f, cap_f, view[v], _Pass(b, False, [0]))
+                # a cached view goes in as a copy: a model may modify its input in place
+                xv = view[v].clone() if batch.shared else view[v]
+                ps_f = forward("f", run_f, cap_f, xv, _Pass(b, False, [0]))
                 n_unit_views += _add_units(unit_sum, ps_f)
             if unit_names:
                 if n_unit_views != v_units:
